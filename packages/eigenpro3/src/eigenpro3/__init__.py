@@ -1,0 +1,3 @@
+"""eigenpro3."""
+
+__all__: list[str] = []

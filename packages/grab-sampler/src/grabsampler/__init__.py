@@ -1,0 +1,3 @@
+"""grabsampler."""
+
+__all__: list[str] = []

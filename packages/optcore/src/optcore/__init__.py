@@ -1,0 +1,3 @@
+"""optcore."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""torchsso."""
+
+__all__: list[str] = []
