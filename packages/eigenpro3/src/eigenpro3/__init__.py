@@ -1,3 +1,3 @@
-"""eigenpro3."""
+"""eigenpro3. (Engineers: read /tmp/common.md first: team rules, deadline, optcore API.)"""
 
 __all__: list[str] = []

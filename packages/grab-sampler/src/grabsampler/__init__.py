@@ -1,3 +1,3 @@
-"""grabsampler."""
+"""grabsampler. (Engineers: read /tmp/common.md first: team rules, deadline, optcore API.)"""
 
 __all__: list[str] = []
