@@ -23,7 +23,9 @@ from torch import Tensor
 __all__ = ["gnvp", "hvp"]
 
 
-def _check(params: Sequence[Tensor], vectors: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+def _check(
+    params: Sequence[Tensor], vectors: Sequence[Tensor]
+) -> tuple[list[Tensor], list[Tensor]]:
     params, vectors = list(params), list(vectors)
     if not params:
         raise ValueError("params is empty")
@@ -138,16 +140,32 @@ def gnvp(
         # J v by the double-vjp trick: d/du <J^T u, v> = J v.
         u = torch.zeros_like(out, requires_grad=True)
         jtu = torch.autograd.grad(
-            out, params, grad_outputs=u, create_graph=True, allow_unused=True, materialize_grads=True
+            out,
+            params,
+            grad_outputs=u,
+            create_graph=True,
+            allow_unused=True,
+            materialize_grads=True,
         )
-        (jv,) = torch.autograd.grad(jtu, u, grad_outputs=vectors, allow_unused=True, materialize_grads=True)
+        (jv,) = torch.autograd.grad(
+            jtu, u, grad_outputs=vectors, allow_unused=True, materialize_grads=True
+        )
         loss = loss_of_output(out)
         if loss.numel() != 1:
             raise ValueError(f"loss_of_output must return a scalar, got shape {tuple(loss.shape)}")
         (g_out,) = torch.autograd.grad(loss.reshape(()), out, create_graph=True)
         if g_out.requires_grad:
-            (hjv,) = torch.autograd.grad(g_out, out, grad_outputs=jv, retain_graph=True, allow_unused=True, materialize_grads=True)
+            (hjv,) = torch.autograd.grad(
+                g_out,
+                out,
+                grad_outputs=jv,
+                retain_graph=True,
+                allow_unused=True,
+                materialize_grads=True,
+            )
         else:  # loss linear in the output
             hjv = torch.zeros_like(out)
-        gv = torch.autograd.grad(out, params, grad_outputs=hjv.detach(), allow_unused=True, materialize_grads=True)
+        gv = torch.autograd.grad(
+            out, params, grad_outputs=hjv.detach(), allow_unused=True, materialize_grads=True
+        )
     return [g.detach() for g in gv]

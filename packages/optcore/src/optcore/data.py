@@ -11,7 +11,7 @@ import gzip
 import pickle
 import struct
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -91,7 +91,9 @@ def load_sklearn(
     if standardize:
         mean = split.x_train.mean(0)
         std = split.x_train.std(0).clamp_min(1e-8)
-        split = Split((split.x_train - mean) / std, split.y_train, (split.x_test - mean) / std, split.y_test)
+        split = Split(
+            (split.x_train - mean) / std, split.y_train, (split.x_test - mean) / std, split.y_test
+        )
     return split
 
 
@@ -215,9 +217,7 @@ def load_cifar10(root: str | Path, *, dtype: torch.dtype = torch.float32) -> Spl
 
     train = [read(f) for f in _CIFAR_FILES[:-1]]
     x_test, y_test = read("test_batch")
-    return Split(
-        torch.cat([t[0] for t in train]), torch.cat([t[1] for t in train]), x_test, y_test
-    )
+    return Split(torch.cat([t[0] for t in train]), torch.cat([t[1] for t in train]), x_test, y_test)
 
 
 _MNIST_FILES = {
@@ -227,9 +227,9 @@ _MNIST_FILES = {
     "y_test": "t10k-labels-idx1-ubyte",
 }
 
-_IDX_DTYPES = {
-    0x08: np.uint8,
-    0x09: np.int8,
+_IDX_DTYPES: dict[int, np.dtype[Any]] = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
     0x0B: np.dtype(">i2"),
     0x0C: np.dtype(">i4"),
     0x0D: np.dtype(">f4"),
@@ -247,7 +247,7 @@ def read_idx(path: str | Path) -> np.ndarray:
         raise ValueError(f"{path.name}: not an IDX file (bad magic number)")
     ndim = raw[3]
     dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    dtype = _IDX_DTYPES[raw[2]]
     count = int(np.prod(dims)) if dims else 1
     body = raw[4 + 4 * ndim :]
     if len(body) != count * dtype.itemsize:
@@ -281,9 +281,7 @@ def load_mnist(root: str | Path, *, dtype: torch.dtype = torch.float32) -> Split
     for split in ("train", "test"):
         xs, ys = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if xs.ndim != 3 or ys.ndim != 1 or xs.shape[0] != ys.shape[0]:
-            raise ValueError(
-                f"MNIST {split}: images {xs.shape} and labels {ys.shape} do not match"
-            )
+            raise ValueError(f"MNIST {split}: images {xs.shape} and labels {ys.shape} do not match")
 
     def images(a: np.ndarray) -> Tensor:
         return torch.from_numpy(a.astype(np.float32)).unsqueeze(1).to(dtype) / 255.0

@@ -77,7 +77,11 @@ def broadcast_tensors(tensors: Sequence[Tensor], src: int = 0) -> None:
 
 def _backend_device() -> torch.device:
     backend = dist.get_backend()
-    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if backend == "nccl"
+        else torch.device("cpu")
+    )
 
 
 def broadcast_seed(seed: int | None = None, src: int = 0) -> int:

@@ -27,7 +27,9 @@ def _square(A: Tensor, arg: str = "A") -> None:
     if not isinstance(A, Tensor):
         raise TypeError(f"{arg} must be a Tensor, got {type(A).__name__}")
     if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
-        raise ValueError(f"{arg} must be a square matrix (or a batch of them), got {tuple(A.shape)}")
+        raise ValueError(
+            f"{arg} must be a square matrix (or a batch of them), got {tuple(A.shape)}"
+        )
 
 
 def _check_damping(damping: float) -> None:
@@ -58,7 +60,9 @@ def safe_eigh(A: Tensor, *, damping: float = 0.0) -> tuple[Tensor, Tensor]:
             return evals, evecs
     except torch.linalg.LinAlgError:
         pass
-    evals, evecs = torch.linalg.eigh(sym.to(torch.complex128 if sym.is_complex() else torch.float64))
+    evals, evecs = torch.linalg.eigh(
+        sym.to(torch.complex128 if sym.is_complex() else torch.float64)
+    )
     return evals.to(A.real.dtype), evecs.to(A.dtype)
 
 
@@ -123,6 +127,7 @@ def topk_eigh(
         ``(evals, evecs)``: ``k`` eigenvalues in descending order and ``(n, k)``
         orthonormal eigenvectors.
     """
+    matvec: Callable[[Tensor], Tensor]
     if isinstance(A, Tensor):
         _square(A)
         if A.dim() != 2:
@@ -131,8 +136,10 @@ def topk_eigh(
         n = A.shape[0]
         dtype, device = A.dtype, A.device
 
-        def matvec(X: Tensor) -> Tensor:
+        def _dense(X: Tensor) -> Tensor:
             return mat @ X
+
+        matvec = _dense
 
     elif callable(A):
         if n is None:
@@ -146,7 +153,9 @@ def topk_eigh(
     if iters < 0:
         raise ValueError(f"iters must be non-negative, got {iters}")
     m = min(n, k + max(oversample, 0))
-    X = torch.randn(n, m, generator=generator, dtype=dtype, device=generator.device if generator else device)
+    X = torch.randn(
+        n, m, generator=generator, dtype=dtype, device=generator.device if generator else device
+    )
     X = X.to(device=device)
     Q, _ = torch.linalg.qr(matvec(X))
     for _ in range(iters):

@@ -6,6 +6,7 @@ and evaluate the batch in chunks of ``chunk_size`` examples to bound memory.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -61,10 +62,40 @@ def functional_per_sample_grads(
     chunks: list[dict[str, Tensor]] = []
     for start in range(0, n, step):
         args = tuple(a[start : start + step] if isinstance(a, Tensor) else a for a in batched_args)
-        chunks.append(per_example(detached, *args))
+        try:
+            chunks.append(per_example(detached, *args))
+        except RuntimeError as exc:
+            # Some fused kernels (nn.RNN/LSTM/GRU among them) have no batching
+            # rule; fall back to one grad call per example, same result.
+            _warn_fallback(exc)
+            chunks.append(_loop(fn, detached, args))
     if len(chunks) == 1:
         return chunks[0]
     return {k: torch.cat([c[k] for c in chunks]) for k in detached}
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_fallback(exc: Exception) -> None:
+    key = str(exc).splitlines()[0][:200]
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(
+            "torch.func.vmap could not batch this model "
+            f"({key}); computing per-sample gradients one example at a time",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _loop(
+    fn: Callable[..., Tensor], params: dict[str, Tensor], args: tuple[Any, ...]
+) -> dict[str, Tensor]:
+    n = _batch_size(args)
+    g = grad(fn)
+    rows = [g(params, *(a[i] if isinstance(a, Tensor) else a for a in args)) for i in range(n)]
+    return {k: torch.stack([r[k] for r in rows]) for k in params}
 
 
 def per_sample_grads(

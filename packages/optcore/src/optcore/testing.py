@@ -91,7 +91,9 @@ def spawn(world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = 
     with tempfile.TemporaryDirectory(prefix="optcore-spawn-") as tmp:
         store_path = os.path.join(tmp, "store")
         procs = [
-            ctx.Process(target=_worker, args=(r, world_size, store_path, target, args, queue), daemon=False)
+            ctx.Process(
+                target=_worker, args=(r, world_size, store_path, target, args, queue), daemon=False
+            )
             for r in range(world_size)
         ]
         for p in procs:

@@ -34,9 +34,7 @@ def named_parameters(module: nn.Module, *, trainable_only: bool = True) -> dict[
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     return {
-        name: p
-        for name, p in module.named_parameters()
-        if p.requires_grad or not trainable_only
+        name: p for name, p in module.named_parameters() if p.requires_grad or not trainable_only
     }
 
 
@@ -46,7 +44,9 @@ def _values(tree: Tree, arg: str) -> list[Tensor]:
     elif isinstance(tree, Sequence) and not isinstance(tree, (str, bytes)):
         values = list(tree)
     else:
-        raise TypeError(f"{arg} must be a mapping or a sequence of tensors, got {type(tree).__name__}")
+        raise TypeError(
+            f"{arg} must be a mapping or a sequence of tensors, got {type(tree).__name__}"
+        )
     for i, v in enumerate(values):
         if not isinstance(v, Tensor):
             raise TypeError(f"{arg}[{i}] is a {type(v).__name__}, not a Tensor")

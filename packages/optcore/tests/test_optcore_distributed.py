@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from optcore import distributed as D
+from optcore.testing import spawn
+
+
+def test_single_process_defaults():
+    assert not D.is_distributed()
+    assert D.get_rank() == 0 and D.get_world_size() == 1
+    t = torch.tensor([1.0, 2.0])
+    D.all_reduce_mean([t])
+    assert torch.equal(t, torch.tensor([1.0, 2.0]))
+    assert D.broadcast_seed(1234) == 1234
+    assert isinstance(D.broadcast_seed(), int)
+
+
+def test_assign_by_cost_balances_and_is_deterministic():
+    costs = [n**3 for n in (512, 10, 512, 256, 256, 64, 8)]
+    owner = D.assign_by_cost(costs, 2)
+    assert owner == D.assign_by_cost(costs, 2)
+    loads = [sum(c for c, o in zip(costs, owner) if o == r) for r in range(2)]
+    # the two 512^3 items go to different ranks, and the split is near even
+    assert owner[0] != owner[2]
+    assert max(loads) / sum(loads) < 0.55
+    assert D.assign_by_cost([1.0, 2.0], 1) == [0, 0]
+    with pytest.raises(ValueError, match=r"costs\[1\]"):
+        D.assign_by_cost([1.0, -1.0], 2)
+    with pytest.raises(ValueError, match="world_size"):
+        D.assign_by_cost([1.0], 0)
+
+
+def _reduce_worker(rank: int, world_size: int, base: float):
+    a = torch.full((3,), base * (rank + 1))
+    b = torch.arange(4, dtype=torch.float64) * (rank + 1)
+    D.all_reduce_mean([a, b])
+    seed = D.broadcast_seed(100 + rank)
+    t = torch.full((2,), float(rank))
+    D.broadcast_tensors([t], src=1)
+    owner = D.assign_by_cost([5.0, 3.0, 2.0])
+    return a.tolist(), b.tolist(), seed, t.tolist(), D.get_rank(), D.get_world_size(), owner
+
+
+@pytest.mark.distributed
+def test_all_reduce_mean_two_gloo_processes():
+    results = spawn(2, _reduce_worker, 2.0)
+    for rank, (a, b, seed, t, r, w, owner) in enumerate(results):
+        assert a == [3.0, 3.0, 3.0]  # mean of 2 and 4
+        assert b == [0.0, 1.5, 3.0, 4.5]
+        assert seed == 100  # rank 0's
+        assert t == [1.0, 1.0]
+        assert (r, w) == (rank, 2)
+        assert owner == [0, 1, 1]
+
+
+def _failing_worker(rank: int, world_size: int):
+    if rank == 1:
+        raise KeyError("boom on rank 1")
+    return rank
+
+
+@pytest.mark.distributed
+def test_spawn_reports_child_failure():
+    with pytest.raises(RuntimeError, match="boom on rank 1"):
+        spawn(2, _failing_worker, timeout=60)
+
+
+def test_spawn_rejects_local_function():
+    def local(rank, world):
+        return rank
+
+    with pytest.raises(ValueError, match="top-level"):
+        spawn(2, local)
