@@ -106,6 +106,13 @@ def tests(session: nox.Session, package: str, device: str) -> None:
         session.run("pytest", "-m", "not cuda and not slow", *args)
 
 
+@nox.session(tags=["default"])
+def workspace(session: nox.Session) -> None:
+    """Cross-package tests under tests/ (layout, principles, the seeds' examples)."""
+    _install(session, *PACKAGES)
+    session.run("pytest", "-m", "not cuda and not slow", str(ROOT / "tests"), *session.posargs)
+
+
 @nox.session
 def distributed(session: nox.Session) -> None:
     """The multi-process (gloo) tests of every package and the cross-package ones."""
