@@ -1,0 +1,97 @@
+"""Pair balance (Lu et al., 2022; Cooper et al., 2023).
+
+Consecutive examples of the epoch are paired and the *difference* of their
+gradients is balanced against a running sum: no stale mean is needed. For
+``eps = +1`` the first of the pair goes to the front of the next order and the
+second to the back; for ``-1`` the other way round. A batch of odd size leaves
+its last example waiting (stored vector ``cache``) for the first of the next
+batch; an example still waiting at the end of the epoch (odd ``n``) keeps the
+middle place of the next order.
+
+Reference:
+    A. F. Cooper, W. Guo, K. Pham, T. Yuan, C. Ruan, Y. Lu, C. De Sa.
+    Coordinating Distributed Example Orders for Provably Accelerated Training.
+    NeurIPS 2023.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from grabsampler.balance.base import Balancer, TwoEnded
+
+__all__ = ["PairBalance", "pair_up"]
+
+S, CACHE = 0, 1
+
+
+def pair_up(seq: list[int]) -> tuple[list[tuple[int, int]], int | None]:
+    """Splits ``seq`` into consecutive pairs and the leftover element (or None)."""
+    pairs = [(seq[i], seq[i + 1]) for i in range(0, len(seq) - 1, 2)]
+    return pairs, (seq[-1] if len(seq) % 2 else None)
+
+
+class PairBalance(Balancer):
+    """Greedy balancing of differences of consecutive gradients."""
+
+    name = "pair"
+
+    def __init__(self, n: int, decider: Any) -> None:
+        super().__init__(n, decider)
+        self.place = TwoEnded(n)
+        self.cache_index = -1
+
+    def aux_rows(self, batch_size: int) -> int:
+        return 2
+
+    def gram_rows(self) -> list[int]:
+        return [S, CACHE]
+
+    def start_epoch(self, order: list[int]) -> None:
+        self.place = TwoEnded(len(order))
+        self.cache_index = -1
+
+    def step(self, gram: Tensor, indices: list[int]) -> Tensor:
+        b = len(indices)
+        k = gram.shape[0] - b
+        has_cache = self.cache_index >= 0
+        rows = ([b + CACHE] if has_cache else []) + list(range(b))
+        ids = ([self.cache_index] if has_cache else []) + list(indices)
+        pairs, left = pair_up(list(range(len(rows))))
+        coef = torch.zeros(len(pairs), b + k, dtype=torch.float64)
+        for p, (u, v) in enumerate(pairs):
+            coef[p, rows[u]] += 1.0
+            coef[p, rows[v]] -= 1.0
+        s = torch.zeros(b + k, dtype=torch.float64)
+        s[b + S] = 1.0
+        eps, coef = self.decider.walk(coef, gram, s)
+        for (u, v), e in zip(pairs, eps):
+            self.place.put(ids[u], e)
+            self.place.put(ids[v], -e)
+        delta = torch.zeros(k, b + k, dtype=torch.float64)
+        if eps:
+            delta[S] = torch.tensor(eps, dtype=torch.float64) @ coef
+        if has_cache:
+            delta[CACHE, b + CACHE] = -1.0
+        if left is not None:
+            delta[CACHE, rows[left]] += 1.0
+            self.cache_index = ids[left]
+        else:
+            self.cache_index = -1
+        return delta
+
+    def end_epoch(self, unvisited: list[int]) -> tuple[list[int], Tensor]:
+        middle = ([self.cache_index] if self.cache_index >= 0 else []) + unvisited
+        order = self.place.finish(middle)
+        self.cache_index = -1
+        return order, torch.zeros(2, 2, dtype=torch.float64)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"place": self.place.state(), "cache_index": self.cache_index}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.place.load(state["place"])
+        self.cache_index = int(state["cache_index"])

@@ -1,0 +1,261 @@
+"""Hooks mode: balance from layer activations and output gradients.
+
+For a linear layer ``y = W a + b`` the per-example weight gradient is
+``G_i = sum_t g_{i,t} a_{i,t}^T`` (``t`` runs over sequence positions, or over
+the output pixels of an unfolded convolution). Inner products of two such
+gradients never need ``G_i`` itself::
+
+    <G_i, G_j> = sum_{t,u} <a_{i,t}, a_{j,u}> <g_{i,t}, g_{j,u}>
+
+(for ``t`` of length one simply ``<a_i, a_j> <g_i, g_j>``), and the inner
+product with a stored vector ``S`` is ``sum_t g_{i,t}^T S a_{i,t}``. Embedding
+gradients are handled the same way with index matches in place of
+activation inner products. :class:`GraB` registers forward hooks on
+``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Embedding`` layers, keeps
+their inputs and (through a tensor hook) the gradients of their outputs
+during an ordinary ``loss.backward()``, and hands the result to a
+:class:`~grabsampler.GraBSampler` as rows that only answer inner-product
+questions. Other parameters (BatchNorm, LayerNorm, ...) are not part of the
+balanced vector; BatchNorm and Dropout layers in the model are fine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sized
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from grabsampler._rows import DenseRows, Rows
+from grabsampler.sampler import GraBSampler
+
+__all__ = ["EmbeddingRows", "FactoredRows", "GraB"]
+
+_PAIR_BUDGET = 1 << 24  # largest B*B*T*T tensor formed for sequence/conv layers
+
+
+class FactoredRows:
+    """Rows ``x_i = vec(sum_t g_{i,t} a_{i,t}^T)`` from ``a`` (B, T, I) and ``g`` (B, T, O)."""
+
+    def __init__(self, a: Tensor, g: Tensor) -> None:
+        self.a = a
+        self.g = g
+        self.batch_size = int(a.shape[0])
+        self.numel = int(g.shape[2] * a.shape[2])
+        self._out, self._in = int(g.shape[2]), int(a.shape[2])
+
+    def gram(self) -> Tensor:
+        a, g = self.a, self.g
+        b, t = a.shape[0], a.shape[1]
+        if t == 1:
+            return (a[:, 0] @ a[:, 0].T) * (g[:, 0] @ g[:, 0].T)
+        if b * b * t * t <= _PAIR_BUDGET:
+            aa = torch.einsum("bti,cui->bctu", a, a)
+            gg = torch.einsum("bto,cuo->bctu", g, g)
+            return (aa * gg).sum(dim=(2, 3))
+        x = torch.einsum("bto,bti->boi", g, a).reshape(b, -1)
+        return x @ x.T
+
+    def cross(self, aux: Tensor) -> Tensor:
+        v = aux.to(self.a.dtype).reshape(-1, self._out, self._in)
+        ga = torch.einsum("bto,koi->btki", self.g, v)
+        return torch.einsum("btki,bti->bk", ga, self.a)
+
+    def combine(self, weights: Tensor) -> Tensor:
+        w = weights.to(self.a.dtype)
+        b, t = self.a.shape[0], self.a.shape[1]
+        a2 = self.a.reshape(b * t, self._in)
+        out = []
+        for row in w:
+            gw = (self.g * row[:, None, None]).reshape(b * t, self._out)
+            out.append((gw.T @ a2).reshape(-1))
+        return torch.stack(out)
+
+
+class EmbeddingRows:
+    """Rows of an embedding table's gradient from indices (B, T) and output grads (B, T, D)."""
+
+    def __init__(self, idx: Tensor, g: Tensor, num: int) -> None:
+        self.idx = idx
+        self.g = g
+        self.num = num
+        self.batch_size = int(idx.shape[0])
+        self.dim = int(g.shape[2])
+        self.numel = num * self.dim
+
+    def gram(self) -> Tensor:
+        b, t = self.idx.shape
+        if b * b * t * t <= _PAIR_BUDGET:
+            same = (self.idx[:, None, :, None] == self.idx[None, :, None, :]).to(self.g.dtype)
+            gg = torch.einsum("btd,cud->bctu", self.g, self.g)
+            return (same * gg).sum(dim=(2, 3))
+        x = self.combine(torch.eye(b, dtype=self.g.dtype, device=self.g.device))
+        return x @ x.T
+
+    def cross(self, aux: Tensor) -> Tensor:
+        v = aux.to(self.g.dtype).reshape(-1, self.num, self.dim)
+        picked = v[:, self.idx]  # (k, B, T, D)
+        return torch.einsum("kbtd,btd->bk", picked, self.g)
+
+    def combine(self, weights: Tensor) -> Tensor:
+        w = weights.to(self.g.dtype)
+        flat_idx = self.idx.reshape(-1)
+        out = torch.zeros(w.shape[0], self.num, self.dim, dtype=self.g.dtype, device=self.g.device)
+        for k, row in enumerate(w):
+            out[k].index_add_(0, flat_idx, (self.g * row[:, None, None]).reshape(-1, self.dim))
+        return out.reshape(w.shape[0], -1)
+
+
+def _unfold(module: nn.Module, x: Tensor) -> Tensor:
+    """Conv input ``x`` as patches ``(B, T, C*prod(kernel))``."""
+    if isinstance(module, nn.Conv1d):
+        x2 = x.unsqueeze(2)
+        k, st, pd, dl = (1, *module.kernel_size), (1, *module.stride), (0, *module.padding), (
+            1,
+            *module.dilation,
+        )
+    else:
+        x2 = x
+        k, st, pd, dl = module.kernel_size, module.stride, module.padding, module.dilation
+    cols = F.unfold(x2, kernel_size=k, dilation=dl, padding=pd, stride=st)
+    return cols.transpose(1, 2)
+
+
+def _check_supported(name: str, m: nn.Module) -> None:
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+        if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
+            raise ValueError(
+                f"model: layer {name!r} uses groups, a padding mode or string padding that "
+                "hooks mode does not support (use the per-sample-gradient route)"
+            )
+
+
+class GraB:
+    """GraB for ordinary training loops: no per-sample gradients are ever formed.
+
+    Args:
+        model: the network; its ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` and
+            ``nn.Embedding`` layers with trainable parameters are balanced.
+        data_source: the training set (only ``len`` is used).
+        balance_type: see :class:`~grabsampler.GraBSampler`.
+        loss_reduction: ``"mean"`` if the loss averages over the batch (output
+            gradients are scaled by ``B`` to recover per-example gradients) or
+            ``"sum"``.
+        **sampler_kwargs: passed to :class:`~grabsampler.GraBSampler`.
+
+    Example::
+
+        grab = GraB(model, train_set)
+        loader = DataLoader(train_set, batch_size=16, sampler=grab.sampler)
+        for x, y in loader:
+            opt.zero_grad(); loss_fn(model(x), y).backward(); grab.step(); opt.step()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data_source: Sized,
+        balance_type: str = "mean",
+        *,
+        loss_reduction: str = "mean",
+        **sampler_kwargs: Any,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        self.loss_reduction = loss_reduction
+        self.layers: list[tuple[str, nn.Module]] = []
+        params: dict[str, Tensor] = {}
+        kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
+        for name, m in model.named_modules():
+            if isinstance(m, kinds) and m.weight.requires_grad:
+                _check_supported(name, m)
+                self.layers.append((name, m))
+                params[f"{name}.weight"] = m.weight
+                bias = getattr(m, "bias", None)
+                if isinstance(bias, Tensor) and bias.requires_grad:
+                    params[f"{name}.bias"] = bias
+        if not params:
+            raise ValueError("model has no trainable Linear, Conv1d, Conv2d or Embedding layer")
+        self.params = params
+        self.sampler = GraBSampler(data_source, params, balance_type, **sampler_kwargs)
+        self._inputs: dict[int, list[Tensor]] = {}
+        self._grads: dict[int, list[Tensor]] = {}
+        self._handles = [m.register_forward_hook(self._make_hook(i)) for i, (_, m) in enumerate(
+            self.layers
+        )]
+
+    def _make_hook(self, i: int) -> Any:
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
+            if not torch.is_grad_enabled() or not output.requires_grad:
+                return
+            self._inputs.setdefault(i, []).append(inputs[0].detach())
+            slot = len(self._inputs[i]) - 1
+
+            def grad_hook(g: Tensor) -> None:
+                lst = self._grads.setdefault(i, [])
+                while len(lst) <= slot:
+                    lst.append(torch.empty(0))
+                lst[slot] = g.detach()
+
+            output.register_hook(grad_hook)
+
+        return hook
+
+    def clear(self) -> None:
+        """Drops the captured activations and gradients (e.g. after an eval pass)."""
+        self._inputs.clear()
+        self._grads.clear()
+
+    def remove(self) -> None:
+        """Detaches the hooks from the model."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _layer_rows(self, m: nn.Module, xs: list[Tensor], gs: list[Tensor]) -> list[Rows]:
+        b = int(xs[0].shape[0])
+        scale = float(b) if self.loss_reduction == "mean" else 1.0
+        if isinstance(m, nn.Embedding):
+            idx = torch.cat([x.reshape(b, -1) for x in xs], dim=1)
+            g = torch.cat([gi.reshape(b, -1, m.embedding_dim) for gi in gs], dim=1) * scale
+            if m.padding_idx is not None:
+                g = g * (idx != m.padding_idx).unsqueeze(-1).to(g.dtype)
+            return [EmbeddingRows(idx, g, m.num_embeddings)]
+        if isinstance(m, nn.Linear):
+            a = torch.cat([x.reshape(b, -1, m.in_features) for x in xs], dim=1)
+            g = torch.cat([gi.reshape(b, -1, m.out_features) for gi in gs], dim=1) * scale
+        else:
+            a = torch.cat([_unfold(m, x) for x in xs], dim=1)
+            out_ch = int(m.weight.shape[0])
+            g = torch.cat([gi.reshape(b, out_ch, -1).transpose(1, 2) for gi in gs], dim=1) * scale
+        rows: list[Rows] = [FactoredRows(a.to(g.dtype), g)]
+        bias = getattr(m, "bias", None)
+        if isinstance(bias, Tensor) and bias.requires_grad:
+            rows.append(DenseRows(g.sum(dim=1)))
+        return rows
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Balances the batch of the last ``forward`` + ``backward`` and clears the capture.
+
+        Raises:
+            RuntimeError: no gradients were captured for some layer (no backward yet).
+            ValueError: as :meth:`GraBSampler.step` (the sampler state is unchanged).
+        """
+        rows: list[Rows] = []
+        try:
+            for i, (name, m) in enumerate(self.layers):
+                xs, gs = self._inputs.get(i, []), self._grads.get(i, [])
+                if not xs or len(gs) != len(xs) or any(g.numel() == 0 for g in gs):
+                    raise RuntimeError(
+                        f"no captured output gradient for layer {name!r}: call step() after "
+                        "loss.backward() of a training-mode forward pass"
+                    )
+                rows.extend(self._layer_rows(m, xs, gs))
+        finally:
+            self.clear()
+        self.sampler._step_rows(rows)

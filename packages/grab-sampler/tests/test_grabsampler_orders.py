@@ -1,0 +1,149 @@
+"""Orders of every balance type equal a one-at-a-time reference implementation."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import pytest
+import torch
+
+from grabsampler import GraBSampler
+
+_spec = importlib.util.spec_from_file_location(
+    "grabsampler_reference", pathlib.Path(__file__).with_name("grabsampler_reference.py")
+)
+assert _spec is not None and _spec.loader is not None
+ref = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ref)
+
+SHAPES = {"w": (3, 2), "b": (3,), "v": (1,)}
+D = 10
+
+
+def make_params(dtype=torch.float64):
+    return {k: torch.zeros(s, dtype=dtype) for k, s in SHAPES.items()}
+
+
+def grad_table(epochs, n, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    # a non-zero mean so that centering matters
+    return torch.randn(epochs, n, D, generator=g, dtype=dtype) + 0.7
+
+
+def as_dict(rows):
+    out, off = {}, 0
+    for k, s in SHAPES.items():
+        size = int(torch.tensor(s).prod())
+        out[k] = rows[:, off : off + size].reshape(rows.shape[0], *s)
+        off += size
+    return out
+
+
+def run_sampler(sampler, table, batch, epochs, mode="dict"):
+    orders = []
+    for e in range(epochs):
+        order = list(iter(sampler))
+        orders.append(order)
+        for start in range(0, len(order), batch):
+            idx = order[start : start + batch]
+            rows = table[e, idx]
+            if mode == "dict":
+                sampler.step(as_dict(rows))
+            elif mode == "tensor":
+                sampler.step(rows)
+            else:
+                sampler.step(list(as_dict(rows).values()))
+    return orders
+
+
+def reference_orders(kind, order0, table, batch, epochs, sign, depth=4):
+    orders = [order0]
+    m = torch.zeros(D, dtype=table.dtype)
+    order = order0
+    for e in range(epochs - 1):
+
+        def grad(i, e=e):
+            return table[e, i]
+
+        if kind == "mean":
+            order, m = ref.ref_mean_epoch(order, grad, m, sign)
+        elif kind == "batch":
+            order, m = ref.ref_mean_epoch(order, grad, m, sign, batch=batch, parallel=True)
+        elif kind == "pair":
+            order = ref.ref_pair_epoch(order, grad, sign)
+        elif kind == "recursive":
+            order, m = ref.ref_recursive_epoch(order, grad, m, sign, depth)
+        elif kind == "recursive_pair":
+            order = ref.ref_recursive_pair_epoch(order, grad, sign, batch)
+        orders.append(order)
+    return orders
+
+
+KINDS = ["mean", "pair", "batch", "recursive", "recursive_pair"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("n", "batch"), [(24, 4), (23, 5), (17, 16), (9, 1)])
+@pytest.mark.parametrize("mode", ["dict", "tensor", "list"])
+def test_deterministic_orders_match_reference(kind, n, batch, mode):
+    epochs = 4
+    table = grad_table(epochs, n, seed=n + batch)
+    sampler = GraBSampler(range(n), make_params(), kind, depth=3, seed=3)
+    got = run_sampler(sampler, table, batch, epochs, mode)
+    want = reference_orders(kind, got[0], table, batch, epochs, ref.Sign(), depth=3)
+    assert got == want
+    for o in got:
+        assert sorted(o) == list(range(n))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_probabilistic_orders_match_reference(kind):
+    n, batch, epochs = 20, 4, 3
+    table = grad_table(epochs, n, seed=11)
+    sampler = GraBSampler(range(n), make_params(), kind, probabilistic=True, prob_c=2.0, seed=5)
+    got = run_sampler(sampler, table, batch, epochs)
+    gen = torch.Generator().manual_seed(5)
+    first = torch.randperm(n, generator=gen).tolist()
+    assert got[0] == first
+    sign = ref.Sign(probabilistic=True, c=2.0, gen=gen)
+    want = reference_orders(kind, first, table, batch, epochs, sign)
+    assert got == want
+
+
+def test_probabilistic_differs_from_deterministic_and_is_seeded():
+    n, batch, epochs = 32, 8, 3
+    table = grad_table(epochs, n, seed=1)
+    runs = []
+    for prob, seed in [(False, 0), (True, 0), (True, 0), (True, 1)]:
+        s = GraBSampler(range(n), make_params(), "mean", probabilistic=prob, prob_c=0.5, seed=seed)
+        runs.append(run_sampler(s, table, batch, epochs)[-1])
+    assert runs[1] == runs[2]
+    assert runs[0] != runs[1]
+    assert runs[1] != runs[3]
+
+
+def test_float32_vmap_dict_matches_float64_reference():
+    n, batch, epochs = 40, 8, 3
+    table = grad_table(epochs, n, seed=4)
+    sampler = GraBSampler(range(n), make_params(torch.float32), "mean")
+    got = run_sampler(sampler, table.float(), batch, epochs)
+    want = reference_orders("mean", got[0], table.float().double(), batch, epochs, ref.Sign())
+    assert got == want
+
+
+def test_rr_and_so():
+    n = 15
+    table = grad_table(3, n)
+    rr = run_sampler(GraBSampler(range(n), make_params(), "rr", seed=2), table, 5, 3)
+    gen = torch.Generator().manual_seed(2)
+    assert rr == [torch.randperm(n, generator=gen).tolist() for _ in range(3)]
+    so = run_sampler(GraBSampler(range(n), make_params(), "so", seed=2), table, 5, 3)
+    assert so[0] == so[1] == so[2] == rr[0]
+
+
+def test_no_shuffle_first_epoch_and_aliases():
+    s = GraBSampler(range(6), make_params(), "recursive-pair", random_first_epoch=False)
+    assert list(iter(s)) == list(range(6))
+    assert s.balance_type == "recursive_pair"
+    assert len(s) == 6
