@@ -1,0 +1,78 @@
+"""Who fits which preconditioner under ``torch.distributed``.
+
+Every rank sees the same (all-reduced) gradients, so the preconditioners would
+be identical if every rank fitted all of them. Instead each parameter's factors
+are owned by one rank (assigned by cost with :func:`optcore.distributed.assign_by_cost`),
+fitted there, and broadcast to the others; all ranks then apply the same cached
+preconditioner locally.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from optcore import distributed as odist
+from torch import Tensor
+
+from .factors import factor_cost
+
+__all__ = ["Ownership"]
+
+
+class Ownership:
+    """Parameter-to-rank assignment, computed once per parameter layout.
+
+    Args:
+        enabled: True/False, or None for "when a process group of more than one
+            rank is initialised".
+    """
+
+    def __init__(self, enabled: bool | None) -> None:
+        self.enabled = enabled
+        self._key: tuple[Any, ...] | None = None
+        self._owners: list[int] | None = None
+
+    def active(self) -> bool:
+        on = odist.is_distributed() and odist.get_world_size() > 1
+        return on if self.enabled is None else (bool(self.enabled) and on)
+
+    def owners(self, groups: list[dict[str, Any]], layout: Callable[..., Any]) -> list[int] | None:
+        """``owner[i]`` for the flat parameter index ``i`` (None when not distributed)."""
+        if not self.active():
+            return None
+        layouts = [layout(g, p) for g in groups for p in g["params"]]
+        key = (odist.get_world_size(), tuple(layouts))
+        if key != self._key:
+            costs = [factor_cost(shape, dense) for shape, dense in layouts]
+            self._owners = odist.assign_by_cost(costs, odist.get_world_size())
+            self._key = key
+        return self._owners
+
+    @staticmethod
+    def mine(owner: int) -> bool:
+        return owner == odist.get_rank()
+
+    @staticmethod
+    def broadcast(
+        owners: list[int],
+        groups: list[dict[str, Any]],
+        state: dict[Tensor, dict[str, Any]],
+        factors: Callable[..., Any],
+        layout: Callable[..., Any],
+    ) -> None:
+        """Broadcast each parameter's factors, caches and bounds from its owner."""
+        index = -1
+        for group in groups:
+            for p in group["params"]:
+                index += 1
+                st = state.get(p)
+                if not st:
+                    continue
+                shape, _ = layout(group, p)
+                qs, ps, ls = factors(st, len(shape))
+                tensors = [t for t in (*qs, *ps, *ls) if t is not None]
+                odist.broadcast_tensors(tensors, src=owners[index])
+
+

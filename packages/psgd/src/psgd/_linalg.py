@@ -1,0 +1,110 @@
+"""Small linear-algebra helpers for PSGD: spectral-norm bounds, a Procrustes step.
+
+All helpers work in float32 (or wider) whatever the storage dtype of their input,
+so that bfloat16 preconditioners keep float32 norms and solves.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "apply_along",
+    "norm_lower_bound_herm",
+    "procrustes_step",
+    "solve_upper_h_along",
+    "unfold_gram",
+]
+
+
+def _wide(x: Tensor) -> Tensor:
+    """``x`` in at least float32 (complex stays complex)."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return x.float()
+    return x
+
+
+def norm_lower_bound_herm(a: Tensor) -> Tensor:
+    """Cheap lower bound of the spectral norm of a Hermitian matrix (float32 or wider).
+
+    One step of power iteration started from the row of largest norm; the result
+    is at least ``max_j ||a[j]|| / sqrt(n)`` and at most ``||a||_2``.
+
+    Args:
+        a: Hermitian ``(n, n)`` matrix.
+
+    Returns:
+        A real 0-dim tensor.
+    """
+    a = _wide(a)
+    max_abs = a.abs().amax()
+    safe = torch.where(max_abs > 0, max_abs, torch.ones_like(max_abs))
+    b = a / safe
+    j = torch.argmax((b * b.conj()).real.sum(dim=1))
+    x = b @ b[j].conj()
+    x = x / torch.linalg.vector_norm(x).clamp_min(torch.finfo(x.real.dtype).tiny)
+    return max_abs * torch.linalg.vector_norm(b.mH @ x)
+
+
+def apply_along(m: Tensor, x: Tensor, dim: int) -> Tensor:
+    """Tensor-matrix product along one dimension: ``y[.., a, ..] = sum_b m[a, b] x[.., b, ..]``.
+
+    A 1-D ``m`` is a diagonal matrix.
+    """
+    if m.dim() < 2:
+        shape = [1] * x.dim()
+        shape[dim] = m.shape[0]
+        return x * m.view(shape)
+    if x.dim() == 1:
+        return m @ x
+    if dim == 0:
+        return (m @ x.reshape(x.shape[0], -1)).view(x.shape)
+    if dim == x.dim() - 1:
+        return x @ m.mT
+    return torch.movedim(torch.tensordot(m, x, dims=([1], [dim])), 0, dim)
+
+
+def unfold_gram(a: Tensor, dim: int, diag: bool) -> Tensor:
+    """``A_(dim) A_(dim)^H`` for the unfolding of ``a`` with ``dim`` as rows (only its diagonal if ``diag``)."""
+    rows = torch.movedim(a, dim, 0).reshape(a.shape[dim], -1)
+    if diag:
+        return (rows * rows.conj()).real.sum(dim=1).to(a.dtype)
+    return rows @ rows.mH
+
+
+def solve_upper_h_along(q: Tensor, x: Tensor, dim: int) -> Tensor:
+    """``x`` times ``Q^{-H}`` along ``dim`` for an upper-triangular ``q`` (float32 solve)."""
+    if q.dim() < 2:
+        shape = [1] * x.dim()
+        shape[dim] = q.shape[0]
+        return x / q.conj().view(shape)
+    rows = torch.movedim(x, dim, 0)
+    shape = rows.shape
+    sol = torch.linalg.solve_triangular(
+        _wide(q).mH, _wide(rows.reshape(shape[0], -1)), upper=False
+    ).to(x.dtype)
+    return torch.movedim(sol.view(shape), 0, dim)
+
+
+def procrustes_step(q: Tensor, max_step: float = 0.125) -> None:
+    """Rotate ``q`` in place towards its symmetric positive-definite polar factor.
+
+    ``Q <- exp(a R) Q`` to second order with the skew matrix ``R = Q^H - Q``
+    (normalised) and ``a`` a damped Newton step on ``tr(exp(aR) Q)``. A left
+    rotation leaves ``P = Q^H Q`` unchanged; it only removes the rotation
+    ambiguity so that ``Q`` stays close to symmetric positive definite.
+    """
+    qw = _wide(q)
+    r = qw.mH - qw
+    scale = r.abs().amax()
+    if not bool(scale > 0):
+        return
+    r = r / norm_lower_bound_herm(r @ r.mH).sqrt().clamp_min(torch.finfo(torch.float32).tiny)
+    rq = r @ qw
+    tr_rq = torch.diagonal(rq).real.sum()
+    if not bool(tr_rq > 0):
+        return
+    tr_rrq = torch.diagonal(r @ rq).real.sum()
+    a = torch.where(tr_rrq < 0, (-tr_rq / tr_rrq).clamp(max=max_step), torch.tensor(max_step))
+    q.copy_((qw + a * (rq + 0.5 * a * (r @ rq))).to(q.dtype))

@@ -1,0 +1,322 @@
+"""Kronecker-product preconditioner factors: choice, initialisation, application, fitting.
+
+A tensor gradient ``G`` of shape ``(n_1, ..., n_k)`` is preconditioned by
+``P = Q^H Q`` with ``Q = Q_1 (x) ... (x) Q_k``; each ``Q_i`` is dense (``n_i x n_i``)
+or diagonal (a length-``n_i`` vector). ``P G`` is ``G`` multiplied along each
+dimension by ``P_i = Q_i^H Q_i``, so with a cached ``P_i`` a 2-D gradient costs two
+matrix products (``P_1 G P_2``) instead of four.
+
+Storage (per dense factor):
+
+* ``"EQ"``: ``Q_i`` is upper triangular, so one ``n x n`` tensor holds it in its upper
+  triangle and the strict lower triangle of ``P_i`` below it (the diagonal of
+  ``P_i`` is the squared column norms of ``Q_i``): the cache costs no memory.
+* ``"QEP"``, ``"QEQ"``, ``"Q0.5EQ1.5"``: dense ``Q_i`` plus a cached ``P_i``.
+* ``"QUAD"``: the state *is* ``P_i`` (fitted directly; nothing to cache).
+
+Fitting: with ``h`` the Hessian-vector product (or the gradient, for whitening)
+and ``v`` the probe vector, every geometry drives ``P h h^H P`` towards ``v v^H``
+(``E[v v^H] = I`` when ``v`` is integrated out for whitening), i.e.
+``P -> (E[g g^H])^{-1/2}`` for whitening and ``P -> |H|^{-1}`` for Newton. The
+step on each factor is normalised by a moving-max bound ``L`` of the spectral
+norm of the fitting gradient, kept in float32 (Li 2015, 2018, 2024).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ._linalg import (
+    apply_along,
+    norm_lower_bound_herm,
+    procrustes_step,
+    solve_upper_h_along,
+    unfold_gram,
+)
+
+__all__ = [
+    "GEOMETRIES",
+    "balance",
+    "choose_dense",
+    "factor_cost",
+    "init_factors",
+    "merged_shape",
+    "precondition",
+    "preconditioner_matrices",
+    "update_factors",
+]
+
+GEOMETRIES = ("EQ", "QEP", "QEQ", "Q0.5EQ1.5", "QUAD")
+MEMORY_SAVE_MODES = (None, "smart_one_diag", "one_diag", "all_diag")
+
+
+def merged_shape(shape: Sequence[int], merge_dims: bool) -> tuple[int, ...]:
+    """Working shape of a parameter: 0-dim -> ``(1,)``; ndim > 2 merged into a balanced matrix."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 0:
+        return (1,)
+    if len(shape) > 2 and merge_dims:
+        first = (math.prod(shape[:-1]), shape[-1])
+        last = (shape[0], math.prod(shape[1:]))
+        return first if first[1] - first[0] <= last[1] - last[0] else last
+    return shape
+
+
+def choose_dense(
+    shape: Sequence[int],
+    *,
+    max_size: float,
+    min_ndim: int,
+    max_skew: float,
+    memory_save_mode: str | None,
+) -> tuple[bool, ...]:
+    """Which dimensions get a dense (triangular/full) factor; the others are diagonal.
+
+    A dimension is diagonal when its size is 1, exceeds ``max_size``, the tensor has
+    fewer than ``min_ndim`` dims, ``size**2 > max_skew * numel`` (skew), or the
+    memory-save mode says so (``"one_diag"``: the largest dim; ``"smart_one_diag"``:
+    the largest dim if strictly larger than the second; ``"all_diag"``: every dim).
+    """
+    if memory_save_mode not in MEMORY_SAVE_MODES:
+        raise ValueError(
+            f"memory_save_mode must be one of {MEMORY_SAVE_MODES}, got {memory_save_mode!r}"
+        )
+    shape = tuple(shape)
+    ndim, numel = len(shape), math.prod(shape)
+    forced = [False] * ndim
+    if ndim > 0:
+        largest = max(range(ndim), key=lambda i: (shape[i], -i))
+        if memory_save_mode == "all_diag":
+            forced = [True] * ndim
+        elif memory_save_mode == "one_diag":
+            forced[largest] = True
+        elif memory_save_mode == "smart_one_diag" and ndim > 1:
+            ordered = sorted(shape)
+            if ordered[-1] > ordered[-2]:
+                forced[largest] = True
+    return tuple(
+        not (
+            size == 1
+            or size > max_size
+            or ndim < min_ndim
+            or forced[i]
+            or size * size > max_skew * numel
+        )
+        for i, size in enumerate(shape)
+    )
+
+
+def factor_cost(shape: Sequence[int], dense: Sequence[bool]) -> float:
+    """Rough flop count of one preconditioner update (used to assign owners)."""
+    numel = math.prod(shape)
+    return float(sum(2 * numel * n + n**3 if d else 2 * numel for n, d in zip(shape, dense)))
+
+
+def init_factors(
+    shape: Sequence[int],
+    dense: Sequence[bool],
+    scale: float | Tensor,
+    *,
+    geometry: str,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[list[Tensor], list[Tensor | None]]:
+    """Factors ``Q_i`` with ``Q = scale * I`` (``P = scale**2 * I``) and their caches.
+
+    Returns:
+        ``(qs, ps)``: the stored factors and, for geometries that keep one, the cached
+        ``P_i`` (``None`` elsewhere).
+    """
+    k = len(shape)
+    s = torch.as_tensor(scale, dtype=torch.float32) ** (1.0 / k)
+    if geometry == "QUAD":
+        s = s * s
+    qs: list[Tensor] = []
+    ps: list[Tensor | None] = []
+    for n, d in zip(shape, dense):
+        if not d:
+            qs.append(torch.ones(n, dtype=dtype, device=device) * s.to(device))
+            ps.append(None)
+            continue
+        eye = torch.eye(n, dtype=dtype, device=device) * s.to(device)
+        qs.append(eye)
+        if geometry in ("EQ", "QUAD"):
+            ps.append(None)
+        else:
+            ps.append(eye * s.to(device))
+    return qs, ps
+
+
+def _packed(q: Tensor, geometry: str) -> bool:
+    return q.dim() == 2 and geometry == "EQ"
+
+
+def _unpack_q(m: Tensor) -> Tensor:
+    return torch.triu(m)
+
+
+def _unpack_p(m: Tensor) -> Tensor:
+    low = torch.tril(m, -1)
+    p = low + low.mH
+    col = torch.linalg.vector_norm(torch.triu(m), dim=0)
+    p.diagonal().add_((col * col).to(p.dtype))
+    return p
+
+
+def preconditioner_matrices(
+    qs: Sequence[Tensor], ps: Sequence[Tensor | None], geometry: str
+) -> list[Tensor]:
+    """The ``P_i`` to apply: matrices for dense factors, vectors for diagonal ones."""
+    out = []
+    for q, p in zip(qs, ps):
+        if geometry == "QUAD":
+            out.append(q)
+        elif q.dim() < 2:
+            out.append((q * q.conj()).real.to(q.dtype) if q.is_complex() else q * q)
+        elif p is not None:
+            out.append(p)
+        else:
+            out.append(_unpack_p(q))
+    return out
+
+
+def precondition(g: Tensor, mats: Sequence[Tensor]) -> Tensor:
+    """``P g``: ``g`` multiplied along each dimension by its ``P_i`` (one product per factor)."""
+    if g.dim() == 2 and mats[0].dim() == 2 and mats[1].dim() == 2:
+        return torch.mm(torch.mm(mats[0], g), mats[1].mT)
+    out = g
+    for i, m in enumerate(mats):
+        out = apply_along(m, out, i)
+    return out
+
+
+def balance(qs: list[Tensor]) -> None:
+    """Rescale factors (in place) to equal max-abs, keeping their product unchanged."""
+    if len(qs) < 2:
+        return
+    norms = torch.stack([q.abs().amax().float() for q in qs])
+    if not bool(torch.all(norms > 0)):
+        return
+    gmean = norms.log().mean().exp()
+    for q, n in zip(qs, norms):
+        q.mul_((gmean / n).to(q.real.dtype))
+
+
+def _bound(t: Tensor) -> Tensor:
+    return t.real.amax().float() if t.dim() < 2 else norm_lower_bound_herm(t).float()
+
+
+def _moving_max(ell: Tensor, lip: Tensor | None, beta: float) -> Tensor:
+    if lip is None:
+        return ell
+    new = torch.maximum(beta * lip + (1 - beta) * ell, ell)
+    lip.copy_(new)
+    return new
+
+
+def update_factors(
+    qs: list[Tensor],
+    ps: list[Tensor | None],
+    lips: Sequence[Tensor | None],
+    h: Tensor,
+    v: Tensor | None,
+    *,
+    geometry: str,
+    lr: float,
+    beta_lip: float,
+    do_balance: bool = False,
+) -> None:
+    """One fitting step of the factors (in place), with caches refreshed.
+
+    Args:
+        qs: stored factors (see the module docstring for the layout per geometry).
+        ps: cached ``P_i`` (``None`` where the geometry keeps none).
+        lips: float32 0-dim tensors holding the moving-max bound ``L`` (or ``None``:
+            use the instantaneous bound).
+        h: Hessian-vector product, or the gradient/momentum for whitening.
+        v: the probe vector; ``None`` integrates it out (whitening; not for ``"EQ"``).
+        geometry: one of :data:`GEOMETRIES`.
+        lr: preconditioner step size (normalised, ``0 < lr``; about 0.1).
+        beta_lip: forgetting factor of ``L``.
+        do_balance: rescale the factors to equal norms first.
+    """
+    if geometry == "EQ" and v is None:
+        raise ValueError("geometry 'EQ' needs a probe vector v")
+    wide = torch.promote_types(qs[0].dtype, torch.float32)
+    work = [(_unpack_q(q) if _packed(q, geometry) else q).to(wide) for q in qs]
+    if do_balance or geometry == "QEP":
+        balance(work)
+    h = h.to(wide)
+    v = None if v is None else v.to(wide)
+    numel = h.numel()
+    lips = list(lips) if lips else [None] * len(qs)
+    if geometry == "EQ":
+        assert v is not None
+        a, b = h, v
+        for i, q in enumerate(work):
+            a = apply_along(q, a, i)
+            b = solve_upper_h_along(q, b, i)
+        for i, q in enumerate(work):
+            diag = q.dim() < 2
+            t1, t2 = unfold_gram(a, i, diag), unfold_gram(b, i, diag)
+            step = lr / _moving_max(_bound(t1 + t2), lips[i], beta_lip).clamp_min(1e-30)
+            if diag:
+                work[i] = q - step * (t1 - t2) * q
+            else:
+                work[i] = q - step * torch.triu(t1 - t2) @ q
+    else:
+        mats = (
+            list(work)
+            if geometry == "QUAD"
+            else [(q * q.conj()) if q.dim() < 2 else q.mH @ q for q in work]
+        )
+        pg = precondition(h, mats)
+        for i, q in enumerate(work):
+            diag = q.dim() < 2
+            n_i = q.shape[0]
+            if geometry == "QEP":
+                t1 = unfold_gram(apply_along(q, pg, i), i, diag)
+                if v is None:
+                    t2 = (numel / n_i) * ((q * q.conj()) if diag else q @ q.mH)
+                else:
+                    t2 = unfold_gram(apply_along(q, v, i), i, diag)
+                step = lr / _moving_max(_bound(t1 + t2), lips[i], beta_lip).clamp_min(1e-30)
+                work[i] = q * (1 - step * (t1 - t2)) if diag else q - step * (t1 - t2) @ q
+                continue
+            t1 = unfold_gram(pg, i, diag)
+            if v is None:
+                c = numel / n_i
+                ell = _bound(t1) + c
+                f = t1 - c if diag else t1 - c * torch.eye(n_i, dtype=t1.dtype, device=t1.device)
+            else:
+                t2 = unfold_gram(v, i, diag)
+                ell = _bound(t1 + t2)
+                f = t1 - t2
+            step = lr / _moving_max(ell, lips[i], beta_lip).clamp_min(1e-30)
+            if diag:
+                gain = 1 - step * f if geometry != "QUAD" else (1 - 0.5 * step * f) ** 2
+                work[i] = q * gain
+            elif geometry == "QEQ":
+                work[i] = q - step * (q @ f)
+            elif geometry == "Q0.5EQ1.5":
+                nq = q - step * (f @ q)
+                procrustes_step(nq)
+                work[i] = nq
+            else:  # QUAD
+                half = 0.5 * step
+                p1 = q - half * (f @ q)
+                p1 = p1 - half * (p1 @ f)
+                work[i] = 0.5 * (p1 + p1.mH)
+    for i, (q, new) in enumerate(zip(qs, work)):
+        if _packed(q, geometry):
+            full = torch.triu(new)
+            q.copy_((full + torch.tril(full.mH @ full, -1)).to(q.dtype))
+        else:
+            q.copy_(new.to(q.dtype))
+            cache = ps[i]
+            if cache is not None:
+                cache.copy_((new.mH @ new).to(cache.dtype))

@@ -1,0 +1,269 @@
+"""``Kron``: a drop-in replacement for kron-torch's PSGD Kron optimizer.
+
+Same arguments, defaults and update-probability schedule as kron-torch, with:
+
+* the preconditioner ``P_i = Q_i^H Q_i`` of each dense factor cached (inside the
+  triangular ``Q_i``'s own storage for the default ``"EQ"`` geometry, so state
+  is no larger than kron-torch's), so steps that do not update the
+  preconditioner cost two matrix products per 2-D parameter, not four;
+* 0-dim and 1-dim parameters, complex parameters, dimension merging;
+* a state of tensors only (``torch.load(weights_only=True)``), resumed
+  bit-identically, probability schedule and counters included;
+* no host random generator: probes come from a torch generator seeded from
+  ``torch.manual_seed`` at construction;
+* under ``torch.distributed`` each rank fits the factors it owns (assigned by
+  cost) and broadcasts them, so all ranks keep identical preconditioners.
+
+Reference: X.-L. Li, "Preconditioned stochastic gradient descent", 2015; E. Walters,
+O. Pooladzandi, X.-L. Li, kron-torch (2024).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import factors as F
+from ._base import PSGDBase, check_nonneg, check_positive, check_unit, closure_loss
+from ._dist import Ownership
+from .schedule import check_probability, should_update
+
+__all__ = ["Kron"]
+
+_EPS32 = torch.finfo(torch.float32).eps
+
+
+class Kron(PSGDBase):
+    """PSGD with a Kronecker-factored whitening preconditioner (kron-torch compatible).
+
+    Args:
+        params: parameters or parameter groups (named parameters are accepted and
+            used in warnings).
+        lr: learning rate.
+        b1: momentum (EMA of gradients, bias-corrected).
+        weight_decay: decoupled weight decay, applied to parameters with ndim >= 2.
+        preconditioner_update_probability: a float in [0, 1], a callable of the step,
+            or None for kron-torch's schedule (1.0 annealed to 0.03).
+        max_size_triangular: dims larger than this get a diagonal factor.
+        min_ndim_triangular: tensors with fewer dims get diagonal factors only.
+        max_skew_triangular: a dim with ``size**2 > max_skew * numel`` is diagonal.
+        memory_save_mode: None, ``"smart_one_diag"``, ``"one_diag"`` or ``"all_diag"``.
+        momentum_into_precond_update: fit the preconditioner to the momentum (True)
+            or the raw gradient.
+        precond_lr: preconditioner step size.
+        precond_init_scale: initial ``Q = scale * I``; None picks
+            ``mean(g**4) ** (-1/8)`` from the first gradient of each parameter.
+        merge_dims: merge dims of tensors with ndim > 2 into a matrix.
+        mu_dtype: dtype of the momentum buffer (default: the parameter's).
+        precond_dtype: dtype of ``Q`` and the cache (default float32; bfloat16 keeps
+            float32 norms and solves).
+        geometry: how ``Q`` is updated: ``"EQ"`` (kron-torch's), ``"QEP"``, ``"QEQ"``,
+            ``"Q0.5EQ1.5"`` or ``"QUAD"``.
+        precond_beta: forgetting factor of the moving-max norm bound (0: the
+            instantaneous bound, as kron-torch).
+        clip_update_rms: RMS of the preconditioned update is clipped to this (1.1).
+        distributed: split preconditioner fitting over ranks (default: when a
+            process group with more than one rank is initialised).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 0.0003,
+        b1: float = 0.9,
+        weight_decay: float = 0.0,
+        preconditioner_update_probability: float | Callable[[int], Any] | None = None,
+        max_size_triangular: float = 8192,
+        min_ndim_triangular: int = 2,
+        max_skew_triangular: float = math.inf,
+        memory_save_mode: str | None = None,
+        momentum_into_precond_update: bool = True,
+        precond_lr: float = 0.1,
+        precond_init_scale: float | None = None,
+        merge_dims: bool = True,
+        mu_dtype: torch.dtype | None = None,
+        precond_dtype: torch.dtype | None = None,
+        *,
+        geometry: str = "EQ",
+        precond_beta: float = 0.0,
+        clip_update_rms: float = 1.1,
+        distributed: bool | None = None,
+    ) -> None:
+        check_positive("lr", lr, allow_zero=True)
+        check_unit("b1", b1)
+        check_positive("weight_decay", weight_decay, allow_zero=True)
+        check_probability(preconditioner_update_probability)
+        check_nonneg("max_size_triangular", max_size_triangular)
+        check_nonneg("min_ndim_triangular", min_ndim_triangular)
+        check_nonneg("max_skew_triangular", max_skew_triangular)
+        check_positive("precond_lr", precond_lr)
+        check_positive("clip_update_rms", clip_update_rms)
+        check_unit("precond_beta", precond_beta)
+        if precond_init_scale is not None:
+            check_positive("precond_init_scale", precond_init_scale)
+        if geometry not in F.GEOMETRIES:
+            raise ValueError(f"geometry must be one of {F.GEOMETRIES}, got {geometry!r}")
+        F.choose_dense(
+            (2, 2), max_size=1, min_ndim=1, max_skew=1, memory_save_mode=memory_save_mode
+        )  # validates memory_save_mode
+        defaults = dict(
+            lr=lr,
+            b1=b1,
+            weight_decay=weight_decay,
+            preconditioner_update_probability=preconditioner_update_probability,
+            max_size_triangular=max_size_triangular,
+            min_ndim_triangular=min_ndim_triangular,
+            max_skew_triangular=max_skew_triangular,
+            memory_save_mode=memory_save_mode,
+            momentum_into_precond_update=momentum_into_precond_update,
+            precond_lr=precond_lr,
+            precond_init_scale=precond_init_scale,
+            merge_dims=merge_dims,
+            mu_dtype=mu_dtype,
+            precond_dtype=precond_dtype,
+            geometry=geometry,
+            precond_beta=precond_beta,
+            clip_update_rms=clip_update_rms,
+        )
+        super().__init__(params, defaults)
+        for key in ("prob_step", "update_counter", "num_updates"):
+            self._counters[key] = torch.tensor(0, dtype=torch.int64)
+        self._ownership = Ownership(distributed)
+
+    # ------------------------------------------------------------------ layout
+    @staticmethod
+    def _layout(group: dict[str, Any], p: Tensor) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+        shape = F.merged_shape(p.shape, group["merge_dims"])
+        dense = F.choose_dense(
+            shape,
+            max_size=group["max_size_triangular"],
+            min_ndim=group["min_ndim_triangular"],
+            max_skew=group["max_skew_triangular"],
+            memory_save_mode=group["memory_save_mode"],
+        )
+        return shape, dense
+
+    def _init_state(self, group: dict[str, Any], p: Tensor, g: Tensor) -> None:
+        shape, dense = self._layout(group, p)
+        state = self.state[p]
+        pdt = group["precond_dtype"] or (torch.complex64 if p.is_complex() else torch.float32)
+        scale: float | Tensor = group["precond_init_scale"]
+        if scale is None:
+            m4 = g.detach().abs().float().pow(4).mean()
+            auto = m4.pow(-1.0 / 8)
+            scale = torch.where(torch.isfinite(auto) & (m4 > 0), auto, torch.ones_like(auto))
+        qs, ps = F.init_factors(shape, dense, scale, geometry=group["geometry"], dtype=pdt, device=p.device)
+        state["step"] = torch.tensor(0, dtype=torch.int32)
+        state["momentum_buffer"] = torch.zeros(shape, dtype=group["mu_dtype"] or p.dtype, device=p.device)
+        for i, q in enumerate(qs):
+            state[f"Q{i}"] = q
+            if ps[i] is not None:
+                state[f"P{i}"] = ps[i]
+            if group["precond_beta"] > 0:
+                state[f"L{i}"] = torch.zeros((), dtype=torch.float32, device=p.device)
+
+    @staticmethod
+    def _factors(state: dict[str, Any], k: int) -> tuple[list[Tensor], list[Tensor | None], list[Tensor | None]]:
+        qs = [state[f"Q{i}"] for i in range(k)]
+        ps = [state.get(f"P{i}") for i in range(k)]
+        ls = [state.get(f"L{i}") for i in range(k)]
+        return qs, ps, ls
+
+    def _after_load(self) -> None:
+        for group in self.param_groups:
+            if group["geometry"] in ("EQ", "QUAD"):
+                continue  # the cache lives inside Q (EQ) or Q is P (QUAD)
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state:
+                    continue
+                shape, _ = self._layout(group, p)
+                for i in range(len(shape)):
+                    q, cache = state[f"Q{i}"], state.get(f"P{i}")
+                    if cache is not None:
+                        cache.copy_(q.mH @ q)
+
+    # -------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimization step; ``closure`` (optional) re-evaluates the model and returns the loss."""
+        loss = closure_loss(closure)
+        c = self._counters
+        do_update, counter = should_update(
+            self.param_groups[0]["preconditioner_update_probability"],
+            int(c["prob_step"]),
+            int(c["update_counter"]),
+        )
+        c["update_counter"].fill_(counter)
+        c["prob_step"].add_(1)
+        n_upd = int(c["num_updates"])
+        if do_update:
+            c["num_updates"].add_(1)
+        do_balance = do_update and n_upd % 100 == 99
+
+        work: list[tuple[dict[str, Any], Tensor, Tensor, int]] = []
+        index = -1
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                index += 1
+                if p.grad is None:
+                    continue
+                self._check_grad(p, p.grad)
+                if not bool(torch.isfinite(p.grad).all()):
+                    self._warn_nonfinite(self._param_name(group, i, p))
+                    continue
+                shape, _ = self._layout(group, p)
+                g = p.grad.reshape(shape)
+                if not self.state[p]:
+                    self._init_state(group, p, g)
+                work.append((group, p, g, index))
+
+        owners = self._ownership.owners(self.param_groups, self._layout) if do_update else None
+        for group, p, g, index in work:
+            state = self.state[p]
+            state["step"].add_(1)
+            b1 = group["b1"]
+            mom = state["momentum_buffer"]
+            mom.mul_(b1).add_(g.to(mom.dtype), alpha=1 - b1)
+            if not do_update or (owners is not None and not self._ownership.mine(owners[index])):
+                continue
+            qs, ps, ls = self._factors(state, g.dim())
+            pdt = qs[0].dtype
+            target = self._debiased(mom, b1, state["step"], pdt) if group["momentum_into_precond_update"] else g.to(pdt)
+            v = self._randn_like(target, n_upd, index)
+            target = target + math.sqrt(_EPS32) * target.abs().mean() * v
+            F.update_factors(
+                qs,
+                ps,
+                ls,
+                target,
+                v,
+                geometry=group["geometry"],
+                lr=group["precond_lr"],
+                beta_lip=group["precond_beta"],
+                do_balance=do_balance and p.dim() > 1,
+            )
+        if do_update and owners is not None:
+            self._ownership.broadcast(owners, self.param_groups, self.state, self._factors, self._layout)
+
+        for group, p, g, _ in work:
+            state = self.state[p]
+            qs, ps, _ = self._factors(state, g.dim())
+            mats = F.preconditioner_matrices(qs, ps, group["geometry"])
+            pre = F.precondition(self._debiased(state["momentum_buffer"], group["b1"], state["step"], qs[0].dtype), mats)
+            rms = torch.linalg.vector_norm(pre) / math.sqrt(pre.numel())
+            pre.mul_(torch.clamp(group["clip_update_rms"] / (rms + 1e-12), max=1.0))
+            pre = pre.view(p.shape)
+            if group["weight_decay"] != 0 and p.dim() >= 2:
+                pre = pre.to(p.dtype).add_(p, alpha=group["weight_decay"])
+            p.add_(pre.to(p.dtype), alpha=-group["lr"])
+        return loss
+
+    @staticmethod
+    def _debiased(mom: Tensor, b1: float, step: Tensor, dtype: torch.dtype) -> Tensor:
+        out = mom.to(dtype) if mom.dtype != dtype else mom.clone()
+        return out.div_(1 - b1 ** int(step))
