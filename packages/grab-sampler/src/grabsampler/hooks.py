@@ -123,6 +123,12 @@ def _unfold(module: nn.Module, x: Tensor) -> Tensor:
     return cols.transpose(1, 2)
 
 
+def _in_functorch() -> bool:
+    """True inside ``torch.func`` transforms (vmap/grad), whose tensors must not escape."""
+    level = getattr(torch._C._functorch, "maybe_current_level", None)
+    return level is not None and level() is not None
+
+
 def _check_supported(name: str, m: nn.Module) -> None:
     if isinstance(m, (nn.Conv1d, nn.Conv2d)):
         if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
@@ -190,7 +196,7 @@ class GraB:
 
     def _make_hook(self, i: int) -> Any:
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
-            if not torch.is_grad_enabled() or not output.requires_grad:
+            if not torch.is_grad_enabled() or not output.requires_grad or _in_functorch():
                 return
             self._inputs.setdefault(i, []).append(inputs[0].detach())
             slot = len(self._inputs[i]) - 1
