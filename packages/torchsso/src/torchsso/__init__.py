@@ -1,3 +1,15 @@
-"""torchsso. (Engineers: read /tmp/common.md first: team rules, deadline, optcore API.)"""
+"""torchsso: second-order optimization and variational inference for PyTorch.
 
-__all__: list[str] = []
+Public API::
+
+    torchsso.optim.SecondOrderOptimizer(model, curv_type, curv_shapes, curv_kwargs, lr=...,
+        momentum=..., momentum_type=..., weight_decay=..., l2_reg=..., acc_steps=...,
+        curv_interval=..., inv_interval=..., kl_clip=...)
+    torchsso.curvature  # Kron / Diag / Full / Unit blocks, Capture, per_example_grads
+"""
+
+from . import curvature, optim
+from .optim import SecondOrderOptimizer
+
+__all__ = ["SecondOrderOptimizer", "curvature", "optim"]
+__version__ = "0.1.0"

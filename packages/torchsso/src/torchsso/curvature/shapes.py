@@ -1,0 +1,337 @@
+"""Layer-wise curvature blocks: ``Kron`` (K-FAC), ``Diag``, ``Full`` and ``Unit``.
+
+Each block owns the parameters of one module and knows how to
+
+* ``estimate`` a new curvature from the records of a step (``(1/B) sum_i g_i g_i^T``
+  with the per-example gradients ``g_i`` of the chosen curvature type),
+* ``hessian`` it exactly from a gradient built with ``create_graph=True``,
+* ``inverse`` the damped curvature and ``precondition`` gradients with it,
+* ``sample`` Gaussian noise with covariance ``scale * (curvature + damping)^-1``
+  (used by :class:`torchsso.optim.VIOptimizer`).
+
+Damping of ``Kron`` is factored: ``(A + pi sqrt(l) I) (x) (G + sqrt(l)/pi I)`` with
+``pi = sqrt((tr A / dim A) / (tr G / dim G))`` (``pi_type="trace_norm"``, Martens &
+Grosse 2015) or ``pi = 1``; with ``inverse_method="eigh"`` the exact Tikhonov damping
+``(A (x) G + l I)^-1`` is applied through both eigendecompositions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from optcore.linalg import damped_inverse, safe_eigh
+from torch import Tensor, nn
+
+from .capture import Record
+from .layers import kron_input, kron_output, matrix_grad, per_example_grads, split_matrix
+
+__all__ = ["Diag", "Full", "Kron", "LayerCurvature", "Unit", "fast_damped_inverse"]
+
+
+class LayerCurvature:
+    """Curvature block of one module.
+
+    Args:
+        name: the module's qualified name (for messages).
+        module: the module.
+        names: names of its parameters covered by this block.
+        params: the parameters themselves.
+        bdim: batch dimension of the module's inputs.
+    """
+
+    shape = "Diag"
+
+    def __init__(
+        self, name: str, module: nn.Module, names: list[str], params: list[nn.Parameter], bdim: int
+    ) -> None:
+        self.name = name
+        self.module = module
+        self.names = names
+        self.params = params
+        self.bdim = bdim
+        self.numel = sum(p.numel() for p in params)
+
+    # -- estimation -------------------------------------------------------------
+    def _per_example(self, records: list[Record]):
+        for rec in records:
+            for g, w in rec.grads:
+                yield per_example_grads(self.module, self.names, rec, g, self.bdim), w
+
+    def estimate(self, records: list[Record]) -> dict[str, Tensor] | None:
+        """New curvature estimate from a step's records (``None`` if nothing was recorded)."""
+        raise NotImplementedError
+
+    def hessian(self, grads: list[Tensor]) -> dict[str, Tensor]:
+        """Exact block Hessian from gradients that carry a graph (``create_graph=True``)."""
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        eye = torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device)
+        rows = torch.autograd.grad(flat, self.params, eye, is_grads_batched=True, retain_graph=True)
+        H = torch.cat([r.reshape(flat.numel(), -1) for r in rows], dim=1).detach()
+        H = 0.5 * (H + H.T)
+        return self._from_full(H)
+
+    def _from_full(self, F: Tensor) -> dict[str, Tensor]:
+        raise ValueError(f"curvature shape {self.shape!r} cannot be built from a full matrix")
+
+    # -- inversion / preconditioning ---------------------------------------------
+    def inverse(self, f: dict[str, Tensor], damping: float, opts: dict) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def precondition(self, inv: dict[str, Tensor], grads: list[Tensor]) -> list[Tensor]:
+        raise NotImplementedError
+
+    def sample(self, inv: dict[str, Tensor], scale: float, gen: torch.Generator | None) -> list[Tensor]:
+        """Noise with covariance ``scale * (damped curvature)^-1`` per parameter."""
+        raise NotImplementedError
+
+    def cost(self) -> float:
+        """Relative cost of :meth:`inverse` (for assigning work to ranks)."""
+        return float(self.numel)
+
+    def _split(self, flat: Tensor) -> list[Tensor]:
+        out, i = [], 0
+        for p in self.params:
+            out.append(flat[i : i + p.numel()].view_as(p))
+            i += p.numel()
+        return out
+
+
+def _randn(shape, like: Tensor, gen: torch.Generator | None) -> Tensor:
+    return torch.randn(shape, generator=gen, dtype=like.dtype, device=like.device)
+
+
+class Diag(LayerCurvature):
+    """Diagonal curvature: the mean of squared per-example gradients."""
+
+    shape = "Diag"
+
+    def estimate(self, records: list[Record]) -> dict[str, Tensor] | None:
+        m = self.module
+        acc: Tensor | None = None
+        n = 0
+        for rec in records:
+            if not rec.grads:
+                continue
+            n += 1
+            x = rec.inputs[0] if rec.inputs else None
+            for g, w in rec.grads:
+                if isinstance(m, nn.Linear) and isinstance(x, Tensor) and x.dim() == 2:
+                    d = [((g * g).T @ (x * x)).reshape(-1)]
+                    if len(self.names) > 1:
+                        d.append((g * g).sum(0))
+                    est = torch.cat(d) / g.shape[0]
+                else:
+                    J = per_example_grads(m, self.names, rec, g, self.bdim)
+                    est = (J * J).mean(0)
+                acc = est * w if acc is None else acc + est * w
+        return None if acc is None else {"diag": acc / n}
+
+    def _from_full(self, F: Tensor) -> dict[str, Tensor]:
+        return {"diag": torch.diagonal(F).clone()}
+
+    def inverse(self, f: dict[str, Tensor], damping: float, opts: dict) -> dict[str, Tensor]:
+        return {"diag_inv": 1.0 / (f["diag"] + damping)}
+
+    def precondition(self, inv: dict[str, Tensor], grads: list[Tensor]) -> list[Tensor]:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        return self._split(flat * inv["diag_inv"])
+
+    def sample(self, inv: dict[str, Tensor], scale: float, gen: torch.Generator | None) -> list[Tensor]:
+        d = inv["diag_inv"]
+        return self._split(_randn(d.shape, d, gen) * torch.sqrt(scale * d))
+
+
+class Full(LayerCurvature):
+    """Full block: ``(1/B) sum_i J_i J_i^T`` over per-example gradients (small layers)."""
+
+    shape = "Full"
+
+    def estimate(self, records: list[Record]) -> dict[str, Tensor] | None:
+        acc: Tensor | None = None
+        n = 0
+        for rec in records:
+            if not rec.grads:
+                continue
+            n += 1
+            for g, w in rec.grads:
+                J = per_example_grads(self.module, self.names, rec, g, self.bdim)
+                est = J.T @ J / J.shape[0]
+                acc = est * w if acc is None else acc + est * w
+        return None if acc is None else {"F": acc / n}
+
+    def _from_full(self, F: Tensor) -> dict[str, Tensor]:
+        return {"F": F}
+
+    def inverse(self, f: dict[str, Tensor], damping: float, opts: dict) -> dict[str, Tensor]:
+        Finv = fast_damped_inverse(f["F"], damping)
+        out = {"F_inv": Finv}
+        if opts.get("chol"):
+            out["F_chol"] = torch.linalg.cholesky(0.5 * (Finv + Finv.T))
+        return out
+
+    def precondition(self, inv: dict[str, Tensor], grads: list[Tensor]) -> list[Tensor]:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        return self._split(inv["F_inv"] @ flat)
+
+    def sample(self, inv: dict[str, Tensor], scale: float, gen: torch.Generator | None) -> list[Tensor]:
+        L = inv["F_chol"]  # Cholesky factor of the inverse: L L^T = F^-1
+        return self._split(math.sqrt(scale) * (L @ _randn(L.shape[0], L, gen)))
+
+    def cost(self) -> float:
+        return float(self.numel) ** 3
+
+
+class Unit(LayerCurvature):
+    """Unit-wise blocks for BatchNorm / LayerNorm: one 2x2 block per (weight_c, bias_c)."""
+
+    shape = "Unit"
+
+    def estimate(self, records: list[Record]) -> dict[str, Tensor] | None:
+        acc: Tensor | None = None
+        n = 0
+        k = self.params[0].numel()
+        for rec in records:
+            if not rec.grads:
+                continue
+            n += 1
+            for g, w in rec.grads:
+                J = per_example_grads(self.module, self.names, rec, g, self.bdim)
+                u = torch.stack([J[:, :k], J[:, k:]], dim=2)  # (B, C, 2)
+                est = torch.einsum("bci,bcj->cij", u, u) / J.shape[0]
+                acc = est * w if acc is None else acc + est * w
+        return None if acc is None else {"U": acc / n}
+
+    def inverse(self, f: dict[str, Tensor], damping: float, opts: dict) -> dict[str, Tensor]:
+        U = f["U"] + damping * torch.eye(2, dtype=f["U"].dtype, device=f["U"].device)
+        return {"U_inv": torch.linalg.inv(U)}
+
+    def precondition(self, inv: dict[str, Tensor], grads: list[Tensor]) -> list[Tensor]:
+        v = torch.stack([grads[0].reshape(-1), grads[1].reshape(-1)], dim=1)
+        out = torch.einsum("cij,cj->ci", inv["U_inv"], v)
+        return [out[:, 0].view_as(grads[0]), out[:, 1].view_as(grads[1])]
+
+    def sample(self, inv: dict[str, Tensor], scale: float, gen: torch.Generator | None) -> list[Tensor]:
+        Ui = inv["U_inv"]
+        L = torch.linalg.cholesky(0.5 * (Ui + Ui.transpose(1, 2)))
+        e = _randn(Ui.shape[:2], Ui, gen)
+        out = math.sqrt(scale) * torch.einsum("cij,cj->ci", L, e)
+        return [out[:, 0].view_as(self.params[0]), out[:, 1].view_as(self.params[1])]
+
+
+def fast_damped_inverse(A: Tensor, damping: float) -> Tensor:
+    """``(A + damping I)^-1`` by one Cholesky; falls back to :func:`optcore.linalg.damped_inverse`
+    (symmetrize, float64 retry, eigh) when the factorization fails or is not finite."""
+    M = A.clone()
+    M.diagonal().add_(damping)
+    L, info = torch.linalg.cholesky_ex(M)
+    if int(info) == 0:
+        inv = torch.cholesky_inverse(L)
+        if math.isfinite(float(inv.sum())):
+            return inv
+    return damped_inverse(A, damping)
+
+
+def _pi(A_tr: Tensor, A_dim: int, G_tr: Tensor, G_dim: int, pi_type: str) -> float:
+    if pi_type != "trace_norm":
+        return 1.0
+    a, g = float(A_tr) / A_dim, float(G_tr) / G_dim
+    if not (a > 0 and g > 0 and math.isfinite(a) and math.isfinite(g)):
+        return 1.0
+    return math.sqrt(a / g)
+
+
+class Kron(LayerCurvature):
+    """K-FAC block ``A (x) G`` for ``Linear``, ``Conv1d/2d`` and ``Embedding``.
+
+    For ``Embedding`` the input factor is diagonal (token frequencies).
+    """
+
+    shape = "Kron"
+
+    @property
+    def embedding(self) -> bool:
+        return isinstance(self.module, nn.Embedding)
+
+    def estimate(self, records: list[Record]) -> dict[str, Tensor] | None:
+        m = self.module
+        A: Tensor | None = None
+        G: Tensor | None = None
+        n = 0
+        for rec in records:
+            if not rec.grads:
+                continue
+            n += 1
+            x = rec.inputs[0]
+            if self.embedding:
+                assert isinstance(m, nn.Embedding)
+                counts = torch.bincount(x.reshape(-1), minlength=m.num_embeddings)
+                Ai = counts.to(self.params[0].dtype) / x.numel()
+            else:
+                a, _ = kron_input(m, x)
+                Ai = a.T @ a / a.shape[0]
+            Gi: Tensor | None = None
+            for g, w in rec.grads:
+                rows = g.reshape(-1, g.shape[-1]) if self.embedding else kron_output(m, g)
+                est = rows.T @ rows * (w / g.shape[0])
+                Gi = est if Gi is None else Gi + est
+            assert Gi is not None
+            A = Ai if A is None else A + Ai
+            G = Gi if G is None else G + Gi
+        if A is None or G is None:
+            return None
+        return {"A": A / n, "G": G / n}
+
+    def inverse(self, f: dict[str, Tensor], damping: float, opts: dict) -> dict[str, Tensor]:
+        A, G = f["A"], f["G"]
+        if self.embedding:
+            pi = _pi(A.sum(), A.numel(), torch.trace(G), G.shape[0], opts.get("pi_type", "trace_norm"))
+            r = math.sqrt(damping)
+            out = {"A_inv": 1.0 / (A + pi * r), "G_inv": fast_damped_inverse(G, r / pi)}
+            if opts.get("chol"):
+                out["G_chol"] = torch.linalg.cholesky(G + (r / pi) * torch.eye(G.shape[0], dtype=G.dtype, device=G.device))
+            return out
+        if opts.get("inverse_method", "cholesky") == "eigh" and not opts.get("chol"):
+            la, qa = safe_eigh(A)
+            lg, qg = safe_eigh(G)
+            scale = 1.0 / (lg.clamp_min(0).unsqueeze(1) * la.clamp_min(0).unsqueeze(0) + damping)
+            return {"QA": qa, "QG": qg, "S": scale}
+        pi = _pi(torch.trace(A), A.shape[0], torch.trace(G), G.shape[0], opts.get("pi_type", "trace_norm"))
+        r = math.sqrt(damping)
+        out = {"A_inv": fast_damped_inverse(A, pi * r), "G_inv": fast_damped_inverse(G, r / pi)}
+        if opts.get("chol"):
+            eyeA = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+            eyeG = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+            out["A_chol"] = torch.linalg.cholesky(0.5 * (A + A.T) + pi * r * eyeA)
+            out["G_chol"] = torch.linalg.cholesky(0.5 * (G + G.T) + (r / pi) * eyeG)
+        return out
+
+    def precondition(self, inv: dict[str, Tensor], grads: list[Tensor]) -> list[Tensor]:
+        if self.embedding:
+            return [(grads[0] * inv["A_inv"].unsqueeze(1)) @ inv["G_inv"]]
+        V = matrix_grad(self.module, grads)
+        if "S" in inv:
+            qa, qg = inv["QA"], inv["QG"]
+            U = qg @ ((qg.T @ V @ qa) * inv["S"]) @ qa.T
+        else:
+            U = inv["G_inv"] @ V @ inv["A_inv"]
+        return split_matrix(self.module, U, grads)
+
+    def sample(self, inv: dict[str, Tensor], scale: float, gen: torch.Generator | None) -> list[Tensor]:
+        s = math.sqrt(scale)
+        LG = inv["G_chol"]
+        if self.embedding:
+            E = _randn(self.params[0].shape, LG, gen) * inv["A_inv"].sqrt().unsqueeze(1)
+            return [s * torch.linalg.solve_triangular(LG, E, upper=False, left=False)]
+        LA = inv["A_chol"]
+        E = _randn((LG.shape[0], LA.shape[0]), LG, gen)
+        X = torch.linalg.solve_triangular(LG.T, E, upper=True)
+        X = torch.linalg.solve_triangular(LA, X, upper=False, left=False)
+        return split_matrix(self.module, s * X, [p for p in self.params])
+
+    def cost(self) -> float:
+        if self.embedding:
+            return float(self.params[0].shape[1]) ** 3
+        w = self.params[0]
+        k = w[0].numel() + (1 if len(self.params) > 1 else 0)
+        return float(k) ** 3 + float(w.shape[0]) ** 3

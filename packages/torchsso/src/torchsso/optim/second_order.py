@@ -1,0 +1,470 @@
+"""``SecondOrderOptimizer``: gradients preconditioned by layer-wise curvature.
+
+The update of every layer block is ``w <- w - lr * (C + damping I)^-1 grad`` where
+``C`` is the block's curvature (Fisher, empirical Fisher "Cov", Gauss-Newton or
+Hessian) in the block's shape (``Kron`` / ``Diag`` / ``Full`` / ``Unit``), kept as a
+moving average and re-estimated / re-inverted at their own intervals.
+
+Reference: K. Osawa et al., "Large-Scale Distributed Second-Order Optimization Using
+Kronecker-Factored Approximate Curvature for Deep Convolutional Neural Networks", CVPR
+2019; J. Martens & R. Grosse, "Optimizing Neural Networks with Kronecker-factored
+Approximate Curvature", ICML 2015.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from optcore.distributed import (
+    all_reduce_mean,
+    assign_by_cost,
+    broadcast_tensors,
+    get_rank,
+    get_world_size,
+    is_distributed,
+)
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..curvature.capture import CURV_TYPES, LOSSES, Capture
+from ..curvature.factory import build_blocks
+from ..curvature.shapes import LayerCurvature
+
+__all__ = ["SecondOrderOptimizer"]
+
+_ALIASES = {"GN": "GaussNewton", "Gauss-Newton": "GaussNewton", "GGN": "GaussNewton"}
+Interval = int | Callable[[int], bool]
+Damping = float | Callable[[int], float]
+
+
+def _due(interval: Interval, step: int) -> bool:
+    return bool(interval(step)) if callable(interval) else step % interval == 0
+
+
+def _check_interval(name: str, value: Any) -> None:
+    if callable(value):
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int or a callable step -> bool, got {value!r}")
+
+
+class SecondOrderOptimizer(torch.optim.Optimizer):
+    """Second-order optimizer with layer-wise Kron / Diag / Full / Unit curvature.
+
+    Args:
+        model: the network (an ``nn.Module``; may be wrapped in DDP).
+        curv_type: ``"Fisher"`` (Monte-Carlo sampled labels), ``"Cov"`` (empirical
+            Fisher), ``"GaussNewton"`` (exact GGN = exact Fisher for cross-entropy) or
+            ``"Hessian"`` (exact block Hessian; the closure must call
+            ``loss.backward(create_graph=True)``; shapes ``Diag``/``Full`` only).
+        curv_shapes: shape per layer class name, e.g. ``{"Linear": "Kron",
+            "Conv2d": "Kron", "BatchNorm2d": "Diag"}``, or one shape for all layers.
+        curv_kwargs: ``damping`` (float or ``step -> float``, default ``1e-3``),
+            ``ema_decay`` (weight of the *new* estimate, as in PyTorch-SSO; 1 = no
+            averaging, default 1), ``pi_type`` (``"trace_norm"`` factored damping or
+            ``"none"``), ``inverse_method`` (``"cholesky"`` or ``"eigh"``: exact
+            Tikhonov damping of ``A (x) G``), ``loss`` (``"cross_entropy"`` or ``"mse"``),
+            ``num_mc`` (sampled labels per step for ``"Fisher"``), ``approx_type``
+            (``"mc"`` or ``"exact"`` for ``"Fisher"``).
+        lr: learning rate.
+        momentum: heavy-ball momentum.
+        momentum_type: ``"preconditioned"`` (momentum on the preconditioned gradient)
+            or ``"raw"`` (momentum on the gradient, then preconditioning).
+        weight_decay: decoupled decay added to the update (after preconditioning).
+        l2_reg: L2 term added to the gradient before preconditioning.
+        acc_steps: the closure is called this many times per step; gradients and
+            curvature are averaged over the calls (gradient accumulation).
+        non_reg_for_bn: no ``weight_decay`` / ``l2_reg`` for normalization layers.
+        curv_interval: re-estimate the curvature every this many steps (or a callable
+            ``step -> bool``).
+        inv_interval: recompute the inverses every this many steps (or a callable);
+            default ``None``: whenever the curvature was re-estimated.
+        kl_clip: if set, scale the update so that ``lr^2 sum(update . grad) <= kl_clip``.
+        seed: seed of the generator for sampled labels.
+
+    The closure must zero the gradients, compute the loss, call ``loss.backward()``
+    and return ``(loss, output)``.
+
+    Example:
+        >>> opt = SecondOrderOptimizer(model, "Fisher", {"Linear": "Kron"}, lr=0.1,
+        ...                            curv_kwargs={"damping": 1e-2})
+        >>> def closure():
+        ...     opt.zero_grad()
+        ...     out = model(x); loss = F.cross_entropy(out, y); loss.backward()
+        ...     return loss, out
+        >>> loss = opt.step(closure)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        curv_type: str,
+        curv_shapes: dict[str, str] | str,
+        curv_kwargs: dict[str, Any] | None = None,
+        *,
+        lr: float = 0.01,
+        momentum: float = 0.0,
+        momentum_type: str = "preconditioned",
+        weight_decay: float = 0.0,
+        l2_reg: float = 0.0,
+        acc_steps: int = 1,
+        non_reg_for_bn: bool = False,
+        curv_interval: Interval = 1,
+        inv_interval: Interval | None = None,
+        kl_clip: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        curv_type = _ALIASES.get(curv_type, curv_type)
+        if curv_type not in CURV_TYPES:
+            raise ValueError(f"curv_type must be one of {CURV_TYPES}, got {curv_type!r}")
+        kw = dict(curv_kwargs or {})
+        unknown = set(kw) - {
+            "damping", "ema_decay", "pi_type", "inverse_method", "loss", "num_mc",
+            "approx_type", "mc_samples",
+        }  # fmt: skip
+        if unknown:
+            raise ValueError(f"curv_kwargs: unknown keys {sorted(unknown)}")
+        if kw.get("approx_type", "mc") not in ("mc", "exact"):
+            raise ValueError(f"curv_kwargs['approx_type'] must be 'mc' or 'exact', got {kw['approx_type']!r}")
+        if curv_type == "Fisher" and kw.get("approx_type") == "exact":
+            curv_type = "GaussNewton"
+        loss = kw.get("loss", "cross_entropy")
+        if loss not in LOSSES:
+            raise ValueError(f"curv_kwargs['loss'] must be one of {LOSSES}, got {loss!r}")
+        damping = kw.get("damping", 1e-3)
+        if not callable(damping) and not (isinstance(damping, (int, float)) and damping >= 0):
+            raise ValueError(f"curv_kwargs['damping'] must be >= 0 or a callable, got {damping!r}")
+        ema = kw.get("ema_decay", 1.0)
+        if not 0.0 < float(ema) <= 1.0:
+            raise ValueError(f"curv_kwargs['ema_decay'] must be in (0, 1], got {ema!r}")
+        if kw.get("pi_type", "trace_norm") not in ("trace_norm", "none"):
+            raise ValueError(f"curv_kwargs['pi_type'] must be 'trace_norm' or 'none', got {kw['pi_type']!r}")
+        if kw.get("inverse_method", "cholesky") not in ("cholesky", "eigh"):
+            raise ValueError("curv_kwargs['inverse_method'] must be 'cholesky' or 'eigh'")
+        num_mc = int(kw.get("num_mc", kw.get("mc_samples", 1)))
+        if num_mc < 1:
+            raise ValueError(f"curv_kwargs['num_mc'] must be >= 1, got {num_mc}")
+        if lr < 0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"Invalid momentum: {momentum}")
+        if momentum_type not in ("preconditioned", "raw"):
+            raise ValueError(f"momentum_type must be 'preconditioned' or 'raw', got {momentum_type!r}")
+        if weight_decay < 0 or l2_reg < 0:
+            raise ValueError("weight_decay and l2_reg must be >= 0")
+        if not isinstance(acc_steps, int) or acc_steps < 1:
+            raise ValueError(f"acc_steps must be a positive int, got {acc_steps!r}")
+        _check_interval("curv_interval", curv_interval)
+        if inv_interval is not None:
+            _check_interval("inv_interval", inv_interval)
+        if kl_clip is not None and kl_clip <= 0:
+            raise ValueError(f"kl_clip must be > 0 or None, got {kl_clip}")
+
+        self.model = model
+        inner = model.module if isinstance(model, DistributedDataParallel) else model
+        self._ddp = isinstance(model, DistributedDataParallel)
+        self.curv_type = curv_type
+        self.blocks: list[LayerCurvature] = build_blocks(inner, curv_shapes, curv_type)
+        self.curv_opts = {
+            "pi_type": kw.get("pi_type", "trace_norm"),
+            "inverse_method": kw.get("inverse_method", "cholesky"),
+        }
+        self.damping = damping
+        self.ema_decay = float(ema)
+        self.acc_steps = acc_steps
+        self.curv_interval = curv_interval
+        self.inv_interval = inv_interval
+        self.kl_clip = kl_clip
+        self.generator = torch.Generator().manual_seed(seed)
+        norm = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm)
+        groups = []
+        for b in self.blocks:
+            no_reg = non_reg_for_bn and isinstance(b.module, norm)
+            groups.append(
+                {
+                    "params": b.params,
+                    "curv_shape": b.shape,
+                    "weight_decay": 0.0 if no_reg else weight_decay,
+                    "l2_reg": 0.0 if no_reg else l2_reg,
+                }
+            )
+        defaults = dict(lr=lr, momentum=momentum, momentum_type=momentum_type,
+                        weight_decay=weight_decay, l2_reg=l2_reg)  # fmt: skip
+        super().__init__(groups, defaults)
+        self.capture = Capture(
+            inner,
+            [b.module for b in self.blocks],
+            curv_type,
+            loss,
+            num_mc,
+            self.generator,
+            [b.bdim for b in self.blocks],
+        )
+
+    # ------------------------------------------------------------------ helpers
+    def _anchor(self, block: LayerCurvature) -> dict[str, Any]:
+        return self.state[block.params[0]]
+
+    @property
+    def global_step(self) -> int:
+        """Number of completed steps."""
+        return int(self.state[self.blocks[0].params[0]].get("global_step", 0))
+
+    def current_damping(self, step: int | None = None) -> float:
+        """The damping at ``step`` (default: the current step)."""
+        s = self.global_step if step is None else step
+        d = float(self.damping(s)) if callable(self.damping) else float(self.damping)
+        if not (d >= 0 and math.isfinite(d)):
+            raise ValueError(f"damping schedule returned {d!r} at step {s}")
+        return d
+
+    def _block_damping(self, block: LayerCurvature, base: float) -> float:
+        return base
+
+    def _run_closure(self, closure: Callable[[], Any]) -> Tensor:
+        total: Tensor | None = None
+        acc: list[Tensor | None] | None = None
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i in range(self.acc_steps):
+            res = closure()
+            if res is None:
+                raise TypeError("closure returned None; it must return (loss, output)")
+            loss = res[0] if isinstance(res, (tuple, list)) else res
+            if not isinstance(loss, Tensor):
+                raise TypeError(f"closure must return (loss, output) with a tensor loss, got {type(loss).__name__}")
+            if loss.numel() != 1:
+                raise ValueError(
+                    f"closure returned a loss with shape {tuple(loss.shape)}: reduce it (mean) first"
+                )
+            if not torch.isfinite(loss.detach()).all():
+                raise FloatingPointError(f"closure returned a non-finite loss ({float(loss)})")
+            total = loss.detach() if total is None else total + loss.detach()
+            if self.acc_steps > 1:
+                gs = [p.grad for p in params]
+                if acc is None:
+                    acc = [None if g is None else g.detach().clone() for g in gs]
+                else:
+                    acc = [a if g is None else (g.detach().clone() if a is None else a + g) for a, g in zip(acc, gs)]
+                if i < self.acc_steps - 1 and self.curv_type == "Hessian":
+                    self._hessian_pending(accumulate=True)
+        if acc is not None:
+            for p, a in zip(params, acc):
+                p.grad = None if a is None else a / self.acc_steps
+        assert total is not None
+        return total / self.acc_steps
+
+    def _hessian_pending(self, accumulate: bool = False) -> None:
+        ests = getattr(self, "_hess_acc", None) or []
+        new = []
+        for b in self.blocks:
+            gs = [p.grad for p in b.params]
+            if any(g is None or g.grad_fn is None for g in gs):
+                raise ValueError(
+                    "curv_type='Hessian' needs the closure to call loss.backward(create_graph=True)"
+                )
+            new.append(b.hessian(gs))  # type: ignore[arg-type]
+        if ests:
+            new = [{k: v + e[k] for k, v in n.items()} for n, e in zip(new, ests)]
+        self._hess_acc = new
+        self._hess_count = getattr(self, "_hess_count", 0) + 1
+        if accumulate:
+            for p in self.blocks_params():
+                if p.grad is not None:
+                    p.grad = p.grad.detach()
+
+    def blocks_params(self) -> list[Tensor]:
+        """All parameters covered by the blocks, in order."""
+        return [p for b in self.blocks for p in b.params]
+
+    def _estimates(self) -> list[dict[str, Tensor] | None]:
+        if self.curv_type == "Hessian":
+            self._hessian_pending()
+            n = self._hess_count
+            ests: list[dict[str, Tensor] | None] = [{k: v / n for k, v in e.items()} for e in self._hess_acc]
+            self._hess_acc, self._hess_count = [], 0
+            for p in self.blocks_params():
+                if p.grad is not None:
+                    p.grad = p.grad.detach()
+            return ests
+        return [b.estimate(recs) for b, recs in zip(self.blocks, self.capture.records)]
+
+    def _update_curvature(self) -> bool:
+        ests = self._estimates()
+        self.capture.clear()
+        if is_distributed():
+            flat = [t for e in ests if e is not None for t in e.values()]
+            all_reduce_mean(flat)
+        updated = False
+        for b, est in zip(self.blocks, ests):
+            if est is None:
+                continue
+            for k, v in est.items():
+                if not math.isfinite(float(v.sum())):
+                    raise FloatingPointError(f"non-finite curvature {k!r} in layer {b.name!r}")
+            st = self._anchor(b)
+            for k, v in est.items():
+                old = st.get("curv_" + k)
+                if old is None or self.ema_decay == 1.0:
+                    st["curv_" + k] = v.detach()
+                else:
+                    st["curv_" + k] = old.mul(1.0 - self.ema_decay).add_(v, alpha=self.ema_decay)
+            updated = True
+        return updated
+
+    def _factors(self, b: LayerCurvature) -> dict[str, Tensor] | None:
+        st = self._anchor(b)
+        f = {k[5:]: v for k, v in st.items() if k.startswith("curv_")}
+        return f or None
+
+    def _inv_opts(self) -> dict[str, Any]:
+        return self.curv_opts
+
+    def _invert(self, b: LayerCurvature, damping: float) -> None:
+        f = self._factors(b)
+        if f is None:
+            return
+        inv = b.inverse(f, self._block_damping(b, damping), self._inv_opts())
+        st = self._anchor(b)
+        for k in [k for k in st if k.startswith("inv_")]:
+            del st[k]
+        for k, v in inv.items():
+            st["inv_" + k] = v
+
+    def _update_inverses(self, damping: float) -> None:
+        ws = get_world_size()
+        have = all(
+            any(k.startswith("inv_") for k in self._anchor(b)) or self._factors(b) is None
+            for b in self.blocks
+        )
+        if ws == 1 or not have:
+            for b in self.blocks:
+                self._invert(b, damping)
+            return
+        owners = assign_by_cost([b.cost() for b in self.blocks], ws)
+        rank = get_rank()
+        for b, o in zip(self.blocks, owners):
+            if o == rank:
+                self._invert(b, damping)
+        for b, o in zip(self.blocks, owners):
+            st = self._anchor(b)
+            keys = sorted(k for k in st if k.startswith("inv_"))
+            ts = [st[k] for k in keys]
+            if ts:
+                broadcast_tensors(ts, src=o)
+
+    def _inverse(self, b: LayerCurvature) -> dict[str, Tensor] | None:
+        st = self._anchor(b)
+        inv = {k[4:]: v for k, v in st.items() if k.startswith("inv_")}
+        return inv or None
+
+    def _sync_grads(self) -> None:
+        if is_distributed() and not self._ddp:
+            gs = [p.grad for p in self.blocks_params() if p.grad is not None]
+            all_reduce_mean(gs)
+
+    # --------------------------------------------------------------------- step
+    def _precondition(self, b: LayerCurvature, grads: list[Tensor], damping: float) -> list[Tensor]:
+        inv = self._inverse(b)
+        if inv is None:
+            return grads
+        out = b.precondition(inv, grads)
+        tries = 0
+        while not math.isfinite(float(sum(float(o.sum()) for o in out))):
+            tries += 1
+            if tries > 4:
+                raise FloatingPointError(
+                    f"preconditioned gradient of layer {b.name!r} stays non-finite after raising "
+                    "the damping"
+                )
+            damping = max(damping, 1e-8) * 10.0
+            self._invert(b, damping)
+            inv = self._inverse(b)
+            assert inv is not None
+            out = b.precondition(inv, grads)
+        return out
+
+    @torch.no_grad()
+    def _apply(self, damping: float) -> None:
+        updates: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]] = []
+        kl = 0.0
+        for group, b in zip(self.param_groups, self.blocks):
+            params = group["params"]
+            if all(p.grad is None for p in params):
+                continue
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+            if group["l2_reg"]:
+                grads = [g.add(p, alpha=group["l2_reg"]) for g, p in zip(grads, params)]
+            mom = group["momentum"]
+            if mom and group["momentum_type"] == "raw":
+                bufs = []
+                for p, g in zip(params, grads):
+                    st = self.state[p]
+                    buf = st.get("momentum_buffer")
+                    buf = g.clone() if buf is None else buf.mul_(mom).add_(g)
+                    st["momentum_buffer"] = buf
+                    bufs.append(buf)
+                upd = self._precondition(b, bufs, damping)
+            else:
+                upd = self._precondition(b, grads, damping)
+                if mom:
+                    new = []
+                    for p, u in zip(params, upd):
+                        st = self.state[p]
+                        buf = st.get("momentum_buffer")
+                        buf = u.clone() if buf is None else buf.mul_(mom).add_(u)
+                        st["momentum_buffer"] = buf
+                        new.append(buf)
+                    upd = new
+            if group["weight_decay"]:
+                upd = [u.add(p, alpha=group["weight_decay"]) for u, p in zip(upd, params)]
+            if self.kl_clip is not None:
+                kl += group["lr"] ** 2 * float(sum((u * g).sum() for u, g in zip(upd, grads)))
+            updates.append((group, params, upd))
+        nu = 1.0
+        if self.kl_clip is not None and kl > 0:
+            nu = min(1.0, math.sqrt(self.kl_clip / kl))
+        for group, params, upd in updates:
+            for p, u in zip(params, upd):
+                p.add_(u, alpha=-group["lr"] * nu)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Tensor:  # type: ignore[override]
+        """One optimization step.
+
+        Args:
+            closure: zeroes the gradients, computes the loss, calls ``backward`` and
+                returns ``(loss, output)``. Required.
+
+        Returns:
+            The loss (averaged over ``acc_steps`` calls).
+        """
+        if closure is None:
+            raise TypeError("step() needs a closure returning (loss, output)")
+        anchor = self.state[self.blocks[0].params[0]]
+        k = int(anchor.get("global_step", 0))
+        first = not any(self._factors(b) is not None for b in self.blocks)
+        upd_curv = first or _due(self.curv_interval, k)
+        self.capture.clear()
+        self.capture.active = upd_curv and self.curv_type != "Hessian"
+        if "rng_state" in anchor:
+            self.generator.set_state(anchor["rng_state"].to(torch.uint8).cpu())
+        try:
+            loss = self._run_closure(closure)
+        finally:
+            self.capture.active = False
+        damping = self.current_damping(k)
+        updated = self._update_curvature() if upd_curv else False
+        self.capture.clear()
+        self._sync_grads()
+        missing = any(self._inverse(b) is None and self._factors(b) is not None for b in self.blocks)
+        inv_due = updated if self.inv_interval is None else _due(self.inv_interval, k)
+        if missing or inv_due:
+            self._update_inverses(damping)
+        self._apply(damping)
+        anchor["global_step"] = k + 1
+        anchor["rng_state"] = self.generator.get_state()
+        return loss
