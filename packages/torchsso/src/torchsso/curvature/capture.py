@@ -75,6 +75,8 @@ def output_vectors(
     if out.dim() != 2:
         out = out.reshape(out.shape[0], -1)
     B, C = out.shape
+    if not torch.isfinite(out.sum()):
+        raise FloatingPointError("non-finite curvature: the network output holds NaN or inf")
     vecs: list[tuple[Tensor, float]] = []
     if loss == "cross_entropy":
         p = torch.softmax(out.float(), dim=1).to(out.dtype)
