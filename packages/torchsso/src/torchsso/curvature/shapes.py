@@ -85,6 +85,11 @@ class LayerCurvature:
         """Noise with covariance ``scale * (damped curvature)^-1`` per parameter."""
         raise NotImplementedError
 
+    def init_factors(self, precision: float) -> dict[str, Tensor]:
+        """Curvature equal to ``precision * I`` (a starting point for variational inference)."""
+        p0 = self.params[0]
+        return {"diag": torch.full((self.numel,), precision, dtype=p0.dtype, device=p0.device)}
+
     def cost(self) -> float:
         """Relative cost of :meth:`inverse` (for assigning work to ranks)."""
         return float(self.numel)
@@ -163,6 +168,10 @@ class Full(LayerCurvature):
     def _from_full(self, F: Tensor) -> dict[str, Tensor]:
         return {"F": F}
 
+    def init_factors(self, precision: float) -> dict[str, Tensor]:
+        p0 = self.params[0]
+        return {"F": precision * torch.eye(self.numel, dtype=p0.dtype, device=p0.device)}
+
     def inverse(self, f: dict[str, Tensor], damping: float, opts: dict) -> dict[str, Tensor]:
         Finv = fast_damped_inverse(f["F"], damping)
         out = {"F_inv": Finv}
@@ -201,6 +210,11 @@ class Unit(LayerCurvature):
                 est = torch.einsum("bci,bcj->cij", u, u) / J.shape[0]
                 acc = est * w if acc is None else acc + est * w
         return None if acc is None else {"U": acc / n}
+
+    def init_factors(self, precision: float) -> dict[str, Tensor]:
+        p0 = self.params[0]
+        eye = torch.eye(2, dtype=p0.dtype, device=p0.device)
+        return {"U": precision * eye.expand(p0.numel(), 2, 2).clone()}
 
     def inverse(self, f: dict[str, Tensor], damping: float, opts: dict) -> dict[str, Tensor]:
         U = f["U"] + damping * torch.eye(2, dtype=f["U"].dtype, device=f["U"].device)
@@ -281,6 +295,15 @@ class Kron(LayerCurvature):
         if A is None or G is None:
             return None
         return {"A": A / n, "G": G / n}
+
+    def init_factors(self, precision: float) -> dict[str, Tensor]:
+        w = self.params[0]
+        r = math.sqrt(precision)
+        kw = {"dtype": w.dtype, "device": w.device}
+        if self.embedding:
+            return {"A": torch.full((w.shape[0],), r, **kw), "G": r * torch.eye(w.shape[1], **kw)}
+        k = w[0].numel() + (1 if len(self.params) > 1 else 0)
+        return {"A": r * torch.eye(k, **kw), "G": r * torch.eye(w.shape[0], **kw)}
 
     def inverse(self, f: dict[str, Tensor], damping: float, opts: dict) -> dict[str, Tensor]:
         A, G = f["A"], f["G"]

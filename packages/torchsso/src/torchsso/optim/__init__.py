@@ -1,5 +1,6 @@
 """Optimizers: second-order (``SecondOrderOptimizer``) and variational (``VIOptimizer``)."""
 
 from .second_order import SecondOrderOptimizer
+from .vi import VIOptimizer, prediction
 
-__all__ = ["SecondOrderOptimizer"]
+__all__ = ["SecondOrderOptimizer", "VIOptimizer", "prediction"]

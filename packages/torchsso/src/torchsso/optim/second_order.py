@@ -226,6 +226,9 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
     def _block_damping(self, block: LayerCurvature, base: float) -> float:
         return base
 
+    def _prior_l2(self) -> float:
+        return 0.0
+
     def _run_closure(self, closure: Callable[[], Any]) -> Tensor:
         total: Tensor | None = None
         acc: list[Tensor | None] | None = None
@@ -257,6 +260,10 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                 p.grad = None if a is None else a / self.acc_steps
         assert total is not None
         return total / self.acc_steps
+
+    def _forward_backward(self, closure: Callable[[], Any]) -> Tensor:
+        """Run the closure(s) of one step; subclasses sample weights around it."""
+        return self._run_closure(closure)
 
     def _hessian_pending(self, accumulate: bool = False) -> None:
         ests = getattr(self, "_hess_acc", None) or []
@@ -397,8 +404,9 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             if all(p.grad is None for p in params):
                 continue
             grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-            if group["l2_reg"]:
-                grads = [g.add(p, alpha=group["l2_reg"]) for g, p in zip(grads, params)]
+            l2 = group["l2_reg"] + self._prior_l2()
+            if l2:
+                grads = [g.add(p, alpha=l2) for g, p in zip(grads, params)]
             mom = group["momentum"]
             if mom and group["momentum_type"] == "raw":
                 bufs = []
@@ -453,7 +461,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         if "rng_state" in anchor:
             self.generator.set_state(anchor["rng_state"].to(torch.uint8).cpu())
         try:
-            loss = self._run_closure(closure)
+            loss = self._forward_backward(closure)
         finally:
             self.capture.active = False
         damping = self.current_damping(k)

@@ -1,0 +1,173 @@
+"""VIOptimizer: VOGN / noisy K-FAC math, sampling covariance, prediction, state."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torchsso
+from torchsso import VIOptimizer
+
+
+def _data(n=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def _closure(opt, m, x, y):
+    def closure():
+        opt.zero_grad()
+        out = m(x)
+        loss = F.cross_entropy(out, y)
+        loss.backward()
+        return loss, out
+
+    return closure
+
+
+def test_vogn_first_step_matches_formula():
+    """At the first step (no posterior yet) VOGN runs at the mean:
+    mu' = mu - lr (s + delta)^-1 (g + delta mu), s = mean of squared per-example grads."""
+    torch.manual_seed(0)
+    m = nn.Linear(5, 3)
+    x, y = _data()
+    N, tau, pv, lr = 100, 0.5, 2.0, 0.1
+    opt = VIOptimizer(m, N, "Cov", "Diag", {"ema_decay": 1.0}, lr=lr, kl_weighting=tau, prior_variance=pv)
+    mu = torch.cat([m.weight.detach().reshape(-1), m.bias.detach()])
+    from optcore.persample import per_sample_grads
+
+    ps = per_sample_grads(m, F.cross_entropy, x, y)
+    J = torch.cat([ps["weight"].reshape(32, -1), ps["bias"]], 1)
+    s, g = (J * J).mean(0), J.mean(0)
+    opt.step(_closure(opt, m, x, y))
+    delta = tau / (N * pv)
+    want = mu - lr * (g + delta * mu) / (s + delta)
+    got = torch.cat([m.weight.detach().reshape(-1), m.bias.detach()])
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("shape", ["Diag", "Kron", "Full"])
+def test_posterior_samples_have_the_stated_covariance(shape):
+    """Empirical covariance of eps equals (tau/N) (C + delta)^-1 for the block's damped C."""
+    torch.manual_seed(1)
+    m = nn.Linear(2, 2)
+    x, y = _data(16)
+    x, y = x[:, :2], y % 2
+    N, tau = 50, 1.0
+    opt = VIOptimizer(m, N, "Cov", shape, {"ema_decay": 1.0}, lr=0.0, kl_weighting=tau)
+    opt.step(_closure(opt, m, x, y))
+    b = opt.blocks[0]
+    st = opt.state[b.params[0]]
+    delta = opt.prior_precision()
+    if shape == "Diag":
+        P = torch.diag(st["curv_diag"] + delta)
+        order = None
+    elif shape == "Full":
+        P = st["curv_F"] + delta * torch.eye(6)
+        order = None
+    else:
+        A, G = st["curv_A"], st["curv_G"]
+        import math
+
+        pi = math.sqrt((torch.trace(A) / 3) / (torch.trace(G) / 2))
+        r = math.sqrt(delta)
+        P = torch.kron(G + r / pi * torch.eye(2), A + pi * r * torch.eye(3))
+        order = True
+    cov_true = torch.linalg.inv(P) * tau / N
+    S = 40000
+    draws = []
+    for _ in range(S):
+        e = opt.sample_params()[0]
+        if order:
+            draws.append(torch.cat([e[0], e[1][:, None]], 1).reshape(-1))
+        else:
+            draws.append(torch.cat([t.reshape(-1) for t in e]))
+    E = torch.stack(draws)
+    cov = E.T @ E / S
+    err = (cov - cov_true).abs().max() / cov_true.abs().max()
+    assert err < 0.05
+
+
+def test_prediction_mean_and_average():
+    torch.manual_seed(2)
+    m = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = _data()
+    opt = VIOptimizer(m, 32, "Cov", "Diag", lr=0.05, num_mc_samples=2)
+    for _ in range(3):
+        opt.step(_closure(opt, m, x, y))
+    p0 = torchsso.prediction(m, x, mc_samples=0)
+    torch.testing.assert_close(p0, torch.softmax(m(x), 1).detach())
+    w = [p.clone() for p in m.parameters()]
+    p5 = torchsso.prediction(m, x, mc_samples=5)
+    assert torch.allclose(p5.sum(1), torch.ones(32))
+    assert not torch.allclose(p5, p0)
+    for a, b in zip(w, m.parameters()):  # the mean is restored
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="model"):
+        torchsso.prediction(nn.Linear(2, 2), x)
+    with pytest.raises(ValueError, match="mc_samples"):
+        opt.prediction(x, -1)
+
+
+def test_kl_warmup_schedule_and_bad_args():
+    m = nn.Linear(5, 3)
+    opt = VIOptimizer(
+        m, 10, "Fisher", "Kron", kl_weighting=2.0, warmup_kl_weighting_init=0.1,
+        warmup_kl_weighting_steps=10,
+    )  # fmt: skip
+    assert opt.tau(0) == pytest.approx(0.2)
+    assert opt.tau(5) == pytest.approx(1.1)
+    assert opt.tau(50) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="dataset_size"):
+        VIOptimizer(m, 0, "Fisher", "Kron")
+    with pytest.raises(ValueError, match="num_mc_samples"):
+        VIOptimizer(m, 10, "Fisher", "Kron", num_mc_samples=0)
+    with pytest.raises(ValueError, match="prior_variance"):
+        VIOptimizer(m, 10, "Fisher", "Kron", prior_variance=0.0)
+    with pytest.raises(ValueError, match="Hessian"):
+        VIOptimizer(m, 10, "Hessian", "Diag")
+
+
+@pytest.mark.parametrize("shape", ["Diag", "Kron"])
+def test_vi_state_dict_round_trip(shape):
+    def make():
+        torch.manual_seed(3)
+        m = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+        return m, VIOptimizer(m, 64, "Fisher", shape, lr=0.05, momentum=0.5, num_mc_samples=2)
+
+    def train(m, opt, a, b):
+        for s in range(a, b):
+            x, y = _data(seed=s)
+            opt.step(_closure(opt, m, x, y))
+
+    m1, o1 = make()
+    train(m1, o1, 0, 8)
+    m2, o2 = make()
+    train(m2, o2, 0, 4)
+    sdm, sdo = copy.deepcopy(m2.state_dict()), copy.deepcopy(o2.state_dict())
+    m3, o3 = make()
+    m3.load_state_dict(sdm)
+    o3.load_state_dict(sdo)
+    train(m3, o3, 4, 8)
+    for a, b in zip(m1.parameters(), m3.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", ["Diag", "Kron"])
+def test_vi_learns(shape):
+    torch.manual_seed(4)
+    m = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3))
+    x, y = _data(64)
+    opt = VIOptimizer(
+        m, 64, "Cov", shape, lr=0.05, momentum=0.9, num_mc_samples=2, kl_weighting=0.1,
+        init_precision=1e-2,
+    )  # fmt: skip
+    l0 = float(F.cross_entropy(m(x), y).detach())
+    for _ in range(30):
+        opt.step(_closure(opt, m, x, y))
+    p = torchsso.prediction(m, x, mc_samples=4)
+    assert float(F.nll_loss(p.log(), y)) < 0.7 * l0
