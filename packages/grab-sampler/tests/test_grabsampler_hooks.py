@@ -10,6 +10,15 @@ from torch.func import functional_call, grad, vmap
 from grabsampler import GraB, GraBSampler
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls are much faster single-threaded on a busy shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class Seq(nn.Module):
     def __init__(self):
         super().__init__()

@@ -120,7 +120,6 @@ class AuxBank:
         changed = [i for i in range(self.k) if bool(delta[i].any())]
         if not changed:
             return
-        idx = torch.tensor(changed, device=self.device)
         dx = delta[changed, :b].to(device=self.device, dtype=self.dtype)
         da = delta[changed, b:]
         use_a = bool(da.any())
@@ -129,7 +128,8 @@ class AuxBank:
             upd = r.combine(dx).to(a.dtype)
             if da_dev is not None:
                 upd = upd + da_dev @ a
-            a.index_add_(0, idx, upd)
+            for j, i in enumerate(changed):
+                a[i].add_(upd[j])
 
     @torch.no_grad()
     def transform(self, mat: Tensor) -> None:

@@ -108,18 +108,16 @@ class EmbeddingRows:
         return out.reshape(w.shape[0], -1)
 
 
-def _unfold(module: nn.Module, x: Tensor) -> Tensor:
+def _unfold(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
     """Conv input ``x`` as patches ``(B, T, C*prod(kernel))``."""
+    k: tuple[int, ...] = tuple(module.kernel_size)
+    st: tuple[int, ...] = tuple(module.stride)
+    pd: tuple[int, ...] = tuple(module.padding)  # type: ignore[arg-type]
+    dl: tuple[int, ...] = tuple(module.dilation)
     if isinstance(module, nn.Conv1d):
-        x2 = x.unsqueeze(2)
-        k, st, pd, dl = (1, *module.kernel_size), (1, *module.stride), (0, *module.padding), (
-            1,
-            *module.dilation,
-        )
-    else:
-        x2 = x
-        k, st, pd, dl = module.kernel_size, module.stride, module.padding, module.dilation
-    cols = F.unfold(x2, kernel_size=k, dilation=dl, padding=pd, stride=st)
+        x = x.unsqueeze(2)
+        k, st, pd, dl = (1, *k), (1, *st), (0, *pd), (1, *dl)
+    cols = F.unfold(x, kernel_size=k, dilation=dl, padding=pd, stride=st)
     return cols.transpose(1, 2)
 
 
@@ -190,9 +188,9 @@ class GraB:
         self.sampler = GraBSampler(data_source, params, balance_type, **sampler_kwargs)
         self._inputs: dict[int, list[Tensor]] = {}
         self._grads: dict[int, list[Tensor]] = {}
-        self._handles = [m.register_forward_hook(self._make_hook(i)) for i, (_, m) in enumerate(
-            self.layers
-        )]
+        self._handles = [
+            m.register_forward_hook(self._make_hook(i)) for i, (_, m) in enumerate(self.layers)
+        ]
 
     def _make_hook(self, i: int) -> Any:
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
@@ -235,8 +233,9 @@ class GraB:
             a = torch.cat([x.reshape(b, -1, m.in_features) for x in xs], dim=1)
             g = torch.cat([gi.reshape(b, -1, m.out_features) for gi in gs], dim=1) * scale
         else:
+            assert isinstance(m, (nn.Conv1d, nn.Conv2d))
             a = torch.cat([_unfold(m, x) for x in xs], dim=1)
-            out_ch = int(m.weight.shape[0])
+            out_ch = int(m.out_channels)
             g = torch.cat([gi.reshape(b, out_ch, -1).transpose(1, 2) for gi in gs], dim=1) * scale
         rows: list[Rows] = [FactoredRows(a.to(g.dtype), g)]
         bias = getattr(m, "bias", None)

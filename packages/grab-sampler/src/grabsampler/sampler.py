@@ -58,9 +58,7 @@ def _param_list(
     return names, tensors
 
 
-def make_balancer(
-    balance_type: str, n: int, decider: Decider, depth: int
-) -> tuple[str, Balancer]:
+def make_balancer(balance_type: str, n: int, decider: Decider, depth: int) -> tuple[str, Balancer]:
     """Builds the balancer named ``balance_type`` (``ValueError`` if unknown)."""
     if not isinstance(balance_type, str):
         balance_type = str(getattr(balance_type, "value", balance_type))
