@@ -1,0 +1,522 @@
+"""General kernel models ``f(x) = sum_j alpha_j K(x, z_j)`` trained with EigenPro3.
+
+The iteration (Abedsoltan, Belkin, Pandit, 2023) is projected, preconditioned
+SGD in the RKHS restricted to the model space ``C = span{K(., z_j)}``. With the
+Nystrom preconditioner ``P`` built on a subsample ``X_s`` of the centers (so
+``P`` maps ``C`` into ``C``), one step on a batch ``(X_m, y_m)`` reads, in
+coefficients::
+
+    r     = K(X_m, Z) alpha - y_m                      (residuals)
+    h     = K(Z, X_m) r                                (gradient values at Z)
+    alpha <- alpha - eta (I - S F F^T K(X_s, Z)) (K(Z, Z)^{-1} h / m + ridge alpha)
+
+where ``S`` puts subsample rows into place. Because ``X_s`` is part of ``Z``,
+``K(X_s, Z) K(Z, Z)^{-1} h = h[s]``: the preconditioner costs nothing extra and
+the exact p-center least-squares minimizer stays the fixed point.
+
+The projection ``K(Z, Z)^{-1}`` is never formed. The model keeps the exact
+target values ``u = K(Z, Z) theta`` of the projected part and re-solves
+``K(Z, Z) theta = u`` by a warm-started inner EigenPro2 (relative stopping
+test); ``alpha = theta + S d`` with the cheap subsample part ``d`` kept exactly.
+
+Delayed projection (EigenPro4 style): between solves the model also holds the
+batches since the last solve as temporary centers; solving every ``T`` batches
+(and at the end of every epoch) is chosen automatically when its estimated
+cost is lower. Kernel blocks are evaluated in row chunks sized to a memory
+budget, so memory stays O(p (d + c + q)) plus one block (plus ``K(Z, Z)`` when
+it fits the budget and caching is on).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from optcore.distributed import get_rank, get_world_size
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from eigenpro3._checks import check_features, check_finite, check_matrix, targets_2d
+from eigenpro3.blocks import (
+    CenterSet,
+    chunked_kernel_matmul,
+    default_memory_bytes,
+    rows_for_budget,
+)
+from eigenpro3.datasets import batch_loader
+from eigenpro3.eigenpro2 import eigenpro2_solve
+from eigenpro3.kernels import KernelFn, get_kernel
+from eigenpro3.preconditioner import Nystrom, build_nystrom
+
+__all__ = ["KernelModel"]
+
+ScoreFn = Callable[[Tensor, Tensor], Any]
+
+
+class KernelModel:
+    """A kernel model with ``p`` centers trained by EigenPro3.
+
+    Args:
+        n_outputs: number of outputs ``c`` (classes for one-hot targets).
+        centers: (p, d) model centers ``Z`` (need not be training points).
+        kernel_fn: kernel name (``"laplacian"``, ``"gaussian"``, ``"dispersal"``,
+            ``"ntk_relu"``) or a callable ``K(X, Z)``.
+        X, y: optional training data; ``model.train_loaders`` is built from them.
+        devices: devices sharding the centers (default: the centers' device); the
+            first is the main device holding the weights.
+        batch_size: training batch size (default ``min(m*, n)``, ``m*`` the
+            critical batch size of the preconditioned kernel).
+        nystrom_size: Nystrom subsample size ``s`` (default ``min(p, 1500)``).
+        top_q: flattened eigendirections ``q`` (default ``min(160, s // 8)``).
+        ridge: ridge term ``lambda`` of ``1/(2n) sum |f(x) - y|^2 + lambda/2 |f|^2``.
+        memory_gb: memory budget for kernel blocks and caches (default a quarter
+            of the machine's memory, at most 8 GiB).
+        dtype: weights and kernel dtype (default float32, float64 if the centers are).
+        projection: ``"auto"``, ``"every"`` (solve after every batch) or ``"delayed"``.
+        projection_interval: batches between solves in delayed mode (default: by cost).
+        inner_tol: relative residual tolerance of the inner EigenPro2 solves.
+        inner_max_epochs: epochs over the centers per inner solve at most.
+        cache: cache ``K(Z, Z)``: ``"auto"`` (when it fits half the budget), ``True``, ``False``.
+        seed: seed of the Nystrom subsample, the loaders and the inner batch order.
+        verbose: show tqdm progress bars.
+        **kernel_kwargs: arguments bound to a named kernel (``bandwidth``, ``depth``).
+
+    Raises:
+        ValueError / TypeError: for bad input, naming the argument.
+    """
+
+    def __init__(
+        self,
+        n_outputs: int,
+        centers: Tensor,
+        kernel_fn: str | KernelFn,
+        X: Tensor | None = None,
+        y: Tensor | None = None,
+        devices: Sequence[torch.device | str] | None = None,
+        *,
+        batch_size: int | None = None,
+        nystrom_size: int | None = None,
+        top_q: int | None = None,
+        ridge: float = 0.0,
+        memory_gb: float | None = None,
+        dtype: torch.dtype | None = None,
+        projection: str = "auto",
+        projection_interval: int | None = None,
+        inner_tol: float = 1e-3,
+        inner_max_epochs: int = 10,
+        cache: bool | str = "auto",
+        seed: int = 0,
+        verbose: bool = True,
+        **kernel_kwargs: float,
+    ) -> None:
+        if isinstance(n_outputs, bool) or not isinstance(n_outputs, int) or n_outputs < 1:
+            raise ValueError(f"n_outputs must be a positive int, got {n_outputs!r}")
+        if projection not in ("auto", "every", "delayed"):
+            raise ValueError(f"projection must be 'auto', 'every' or 'delayed', got {projection!r}")
+        if not ridge >= 0 or not math.isfinite(ridge):
+            raise ValueError(f"ridge must be a finite number >= 0, got {ridge}")
+        if projection_interval is not None and projection_interval < 1:
+            raise ValueError(f"projection_interval must be >= 1, got {projection_interval}")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        centers = check_matrix(centers, "centers")
+        check_finite(centers, "centers")
+        self.dtype = dtype or (torch.float64 if centers.dtype == torch.float64 else torch.float32)
+        if not self.dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating dtype, got {self.dtype}")
+        self.devices = [torch.device(d) for d in (devices or [centers.device])]
+        if not self.devices:
+            raise ValueError("devices must name at least one device")
+        self.main = self.devices[0]
+        self.kernel_fn = get_kernel(kernel_fn, **kernel_kwargs)
+        self.n_outputs = n_outputs
+        self.ridge = float(ridge)
+        self.projection = projection
+        self.projection_interval = projection_interval
+        self.inner_tol = inner_tol
+        self.inner_max_epochs = inner_max_epochs
+        self.verbose = verbose
+        self.seed = seed
+        self.world_size, self.rank = get_world_size(), get_rank()
+        centers = centers.to(self.main, self.dtype)
+        p, d = centers.shape
+        self.X: Tensor | None = None
+        self.y: Tensor | None = None
+        if (X is None) != (y is None):
+            raise ValueError("X and y must be given together")
+        if X is not None:
+            X = check_matrix(X, "X")
+            check_features(X, d, "X")
+            check_finite(X, "X")
+            self.X = X.to(dtype=self.dtype)
+            self.y = targets_2d(y, X.shape[0], "y", dtype=self.dtype, n_outputs=n_outputs)
+
+        itemsize = centers.element_size()
+        s = min(p, 1500) if nystrom_size is None else nystrom_size
+        c = n_outputs
+        fixed = itemsize * (p * (d + 4 * c) + s * (s + 2 * c + 160)) + 8 * s * s
+        self.memory_bytes = default_memory_bytes() if memory_gb is None else int(memory_gb * 2**30)
+        if self.memory_bytes <= fixed:
+            raise ValueError(
+                f"memory_gb is too small: the model state needs about {fixed / 2**30:.3g} GiB "
+                f"but memory_gb allows {self.memory_bytes / 2**30:.3g} GiB"
+            )
+        budget = self.memory_bytes - fixed
+        use_cache = cache is True or (cache == "auto" and p * (p + s) * itemsize <= budget // 2)
+        if use_cache:
+            budget -= p * (p + s) * itemsize
+        rows_for_budget(p, itemsize, budget)  # raises when not even one row fits
+        self._budget = budget
+        self._gen = torch.Generator().manual_seed(seed)
+        self.centers = CenterSet(centers, self.kernel_fn, self.devices, budget=budget, cache=use_cache)
+        self.nystrom = build_nystrom(
+            centers, self.kernel_fn, size=nystrom_size, top_q=top_q, generator=self._gen
+        )
+        self._refresh_nystrom_blocks()
+        self.theta = torch.zeros(p, c, dtype=self.dtype, device=self.main)
+        self.u = torch.zeros_like(self.theta)
+        self.d_s = torch.zeros(len(self.nystrom.idx), c, dtype=self.dtype, device=self.main)
+        self._temps_x: list[Tensor] = []
+        self._temps_a: list[Tensor] = []
+        self._inner_epochs = 2.0
+        self._since_solve = 0
+        m_star = self.nystrom.critical_batch_size()
+        n = len(self.X) if self.X is not None else m_star
+        self.batch_size = int(batch_size) if batch_size is not None else max(1, min(m_star, n))
+        self._train_loaders: list[Any] | None = None
+
+    # ------------------------------------------------------------------ state
+    def _refresh_nystrom_blocks(self) -> None:
+        idx = self.nystrom.idx
+        z_s = self.centers.centers[idx]
+        self._k_zs = (
+            chunked_kernel_matmul(
+                self.kernel_fn,
+                self.centers.centers,
+                z_s,
+                torch.eye(len(idx), dtype=self.dtype, device=self.main),
+                budget=self._budget,
+            )
+            if self.centers.cache is not None
+            else None
+        )
+        self._k_ss = self.kernel_fn(z_s, z_s) if self.ridge > 0 else None
+
+    @property
+    def weights(self) -> Tensor:
+        """Coefficients ``alpha`` (p, c) of the projected model."""
+        alpha = self.theta.clone()
+        alpha.index_add_(0, self.nystrom.idx, self.d_s)
+        return alpha
+
+    @property
+    def train_loaders(self) -> list[Any]:
+        """Loaders over ``X, y`` (this process's shard under ``torch.distributed``)."""
+        if self.X is None or self.y is None:
+            raise ValueError("train_loaders needs X and y passed to KernelModel")
+        if self._train_loaders is None:
+            xs, ys = self.X[self.rank :: self.world_size], self.y[self.rank :: self.world_size]
+            local = max(1, math.ceil(self.batch_size / self.world_size))
+            gen = torch.Generator().manual_seed(self.seed + 1 + self.rank)
+            self._train_loaders = [batch_loader(xs, ys, local, generator=gen)]
+        return self._train_loaders
+
+    # -------------------------------------------------------------- training
+    def _interval(self, m: int) -> int:
+        """Batches between projections: 1 (every batch) or a cost-minimizing ``T``."""
+        if self.projection == "every" or self.world_size > 1:
+            return 1
+        if self.projection_interval is not None:
+            return self.projection_interval
+        p, d, c = self.centers.p, self.centers.d, self.n_outputs
+        per_epoch = p * p * (c if self.centers.cache is not None else d + c)
+        solve = max(self._inner_epochs, 1.0) * 2.0 * per_epoch
+        t_max = max(1, min(64, self._budget // max(1, 4 * m * (d + c) * 8)))
+        best_t, best = 1, solve
+        for t in range(2, t_max + 1):
+            cost = solve / t + m * m * (t - 1) * (d + c)
+            if cost < best:
+                best_t, best = t, cost
+        if self.projection == "delayed":
+            return max(best_t, 2)
+        return best_t
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Solve ``K(Z, Z) theta = u`` (warm started) and drop temporary centers."""
+        info = eigenpro2_solve(
+            self.centers,
+            self.nystrom,
+            self.theta,
+            self.u,
+            self._k_zs,
+            tol=self.inner_tol,
+            max_epochs=self.inner_max_epochs,
+            generator=self._gen,
+        )
+        self._inner_epochs = 0.7 * self._inner_epochs + 0.3 * info["epochs"]
+        self._temps_x.clear()
+        self._temps_a.clear()
+        self._since_solve = 0
+
+    def flush(self) -> None:
+        """Project pending temporary centers (no-op when there are none)."""
+        if self._since_solve:
+            self.project()
+
+    def _check_x(self, x: Tensor, name: str = "x") -> Tensor:
+        x = check_matrix(x, name)
+        check_features(x, self.centers.d, name)
+        check_finite(x, name)
+        return x.to(self.main, self.dtype)
+
+    def _temp_values(self, x: Tensor) -> Tensor | None:
+        if not self._temps_x:
+            return None
+        tx, ta = torch.cat(self._temps_x), torch.cat(self._temps_a)
+        return chunked_kernel_matmul(self.kernel_fn, x, tx, ta, budget=self._budget)
+
+    @torch.no_grad()
+    def fit_batch(self, x: Tensor, y: Tensor) -> float:
+        """One EigenPro3 step on the batch ``(x, y)``; returns its mean squared error.
+
+        Under ``torch.distributed`` every process passes its own part of the
+        global batch (possibly empty); gradients are summed across processes.
+        """
+        if len(x) == 0:
+            x = torch.zeros(0, self.centers.d, dtype=self.dtype, device=self.main)
+            y2 = torch.zeros(0, self.n_outputs, dtype=self.dtype, device=self.main)
+        else:
+            x = self._check_x(x)
+            y2 = targets_2d(y, len(x), "y", dtype=self.dtype, n_outputs=self.n_outputs)
+            y2 = y2.to(self.main)
+        temp = self._temp_values(x) if len(x) else None
+        sq = [0.0]
+        chunks: list[Tensor] = []
+
+        def residual(pred: Tensor, sl: slice) -> Tensor:
+            if temp is not None:
+                pred += temp[sl]
+            pred -= y2[sl]
+            sq[0] += float(pred.pow(2).sum())
+            chunks.append(pred)
+            return pred
+
+        alpha = self.weights
+        if len(x):
+            h = self.centers.residual_step(x, alpha, residual)
+        else:
+            h = torch.zeros_like(alpha)
+        m, sum_sq = len(x), sq[0]
+        if self.world_size > 1:
+            extra = torch.tensor([float(m), sum_sq], dtype=torch.float64)
+            flat = torch.cat([h.flatten().double().cpu(), extra])
+            dist.all_reduce(flat)
+            h = flat[:-2].reshape(h.shape).to(self.main, self.dtype)
+            m, sum_sq = int(round(float(flat[-2]))), float(flat[-1])
+        if m == 0:
+            return float("nan")
+        eta = self.nystrom.step_size(m)
+        lam = self.ridge
+        idx = self.nystrom.idx
+        g_s = h[idx] / m
+        if lam > 0 and self._k_ss is not None:
+            g_s += lam * (self.u[idx] + self._k_ss @ self.d_s)
+        shrink = 1.0 - eta * lam
+        self.u.mul_(shrink).add_(h, alpha=-eta / m)
+        self.d_s.mul_(shrink).add_(self.nystrom.correction(g_s), alpha=eta)
+        self.theta.mul_(shrink)
+        t = self._interval(m)
+        if t > 1:
+            for a in self._temps_a:
+                a.mul_(shrink)
+            if len(x):
+                self._temps_x.append(x)
+                self._temps_a.append(torch.cat(chunks).mul_(-eta / m))
+            self._since_solve += 1
+            if self._since_solve >= t:
+                self.project()
+        else:
+            self._since_solve += 1
+            self.project()
+        return sum_sq / (m * self.n_outputs)
+
+    def _steps(self, loaders: list[Any]) -> int:
+        n = sum(len(loader) for loader in loaders)
+        if self.world_size > 1:
+            t = torch.tensor([n], dtype=torch.int64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            n = int(t)
+        return n
+
+    def fit_epoch(self, train_loaders: Any, *, epoch: int | None = None) -> float:
+        """One pass over ``train_loaders`` (a loader or a list), projecting at the end.
+
+        Returns:
+            The mean squared training error met during the epoch (before each step).
+        """
+        loaders = list(train_loaders) if isinstance(train_loaders, (list, tuple)) else [train_loaders]
+        steps = self._steps(loaders)
+        it = iter(chain.from_iterable(loaders))
+        desc = "EigenPro3" if epoch is None else f"EigenPro3 epoch {epoch}"
+        show = self.verbose and self.rank == 0
+        bar = tqdm(total=steps, desc=desc, disable=not show, leave=False)
+        total, count = 0.0, 0
+        for _ in range(steps):
+            batch = next(it, None)
+            if batch is None:
+                xb = torch.zeros(0, self.centers.d)
+                yb = torch.zeros(0, self.n_outputs)
+            else:
+                xb, yb = batch[0], batch[1]
+            loss = self.fit_batch(xb, yb)
+            if not math.isnan(loss):
+                total += loss
+                count += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4g}")
+        bar.close()
+        self.flush()
+        return total / max(count, 1)
+
+    def fit(
+        self,
+        train_loaders: Any = None,
+        val_loader: Iterable[Any] | None = None,
+        score_fn: ScoreFn | None = None,
+        epochs: int = 1,
+    ) -> list[dict[str, float | int | None]]:
+        """Train for ``epochs`` epochs; evaluate ``score_fn`` on ``val_loader`` after each.
+
+        Args:
+            train_loaders: a loader or list of loaders of ``(x, y)`` batches
+                (default ``self.train_loaders``).
+            val_loader: optional loader of ``(x, target)`` batches.
+            score_fn: ``score_fn(predictions, target)`` (e.g. :func:`eigenpro3.utils.accuracy`);
+                default: mean squared error against ``target``.
+            epochs: number of epochs.
+
+        Returns:
+            One dict per epoch: ``epoch``, ``train_loss``, ``val_score``, ``seconds``.
+        """
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        loaders = self.train_loaders if train_loaders is None else train_loaders
+        history: list[dict[str, float | int | None]] = []
+        for e in range(1, epochs + 1):
+            t0 = time.perf_counter()
+            loss = self.fit_epoch(loaders, epoch=e)
+            seconds = time.perf_counter() - t0
+            score = self.evaluate(val_loader, score_fn) if val_loader is not None else None
+            history.append({"epoch": e, "train_loss": loss, "val_score": score, "seconds": seconds})
+            if self.verbose and self.rank == 0:
+                tail = "" if score is None else f" val_score={score:.4f}"
+                tqdm.write(f"epoch {e}: train_loss={loss:.4g}{tail} ({seconds:.2f}s)")
+        return history
+
+    @torch.no_grad()
+    def evaluate(self, loader: Iterable[Any], score_fn: ScoreFn | None = None) -> float:
+        """Batch-size weighted mean of ``score_fn(predict(x), target)`` over ``loader``."""
+        total, n = 0.0, 0
+        for batch in loader:
+            xb, tb = batch[0], batch[1]
+            pred = self.predict(xb)
+            if score_fn is None:
+                t2 = targets_2d(tb, len(xb), "target", dtype=self.dtype, n_outputs=self.n_outputs)
+                value = float((pred - t2.to(pred.device)).pow(2).mean())
+            else:
+                value = float(score_fn(pred, tb.to(pred.device) if isinstance(tb, Tensor) else tb))
+            total += value * len(xb)
+            n += len(xb)
+        if n == 0:
+            raise ValueError("val_loader yielded no samples")
+        return total / n
+
+    # ------------------------------------------------------------- inference
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        """Model outputs ``f(x)`` (n, c), computed in chunks (includes pending temporaries)."""
+        x = self._check_x(x)
+        out = self.centers.matmul(x, self.weights)
+        temp = self._temp_values(x)
+        return out if temp is None else out + temp
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.predict(x)
+
+    # ----------------------------------------------------------- persistence
+    def state_dict(self) -> dict[str, Any]:
+        """Weights, projection state and preconditioner (tensors and numbers only).
+
+        Pending temporary centers are projected first.
+        """
+        self.flush()
+        return {
+            "n_outputs": self.n_outputs,
+            "ridge": self.ridge,
+            "centers": self.centers.centers.clone(),
+            "theta": self.theta.clone(),
+            "u": self.u.clone(),
+            "d_s": self.d_s.clone(),
+            "nystrom_idx": self.nystrom.idx.clone(),
+            "nystrom_F": self.nystrom.F.clone(),
+            "nystrom_eigvals": self.nystrom.eigvals.clone(),
+            "beta": self.nystrom.beta,
+            "beta_p": self.nystrom.beta_p,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict` of a model with the same centers and outputs."""
+        required = {"centers", "theta", "u", "d_s", "nystrom_idx", "nystrom_F", "nystrom_eigvals"}
+        missing = required - set(state)
+        if missing:
+            raise ValueError(f"state_dict is missing keys {sorted(missing)}")
+        z = self.centers.centers
+        if state["centers"].shape != z.shape or not torch.equal(state["centers"].to(z), z):
+            raise ValueError("state_dict['centers'] differ from this model's centers")
+        if state["theta"].shape != self.theta.shape:
+            raise ValueError(
+                f"state_dict['theta'] has shape {tuple(state['theta'].shape)}, "
+                f"expected {tuple(self.theta.shape)}"
+            )
+        dev, dt = self.main, self.dtype
+        self.nystrom = Nystrom(
+            idx=state["nystrom_idx"].to(dev),
+            F=state["nystrom_F"].to(dev, dt),
+            eigvals=state["nystrom_eigvals"].to(dev, torch.float64),
+            beta=float(state["beta"]),
+            beta_p=float(state["beta_p"]),
+        )
+        self.ridge = float(state.get("ridge", self.ridge))
+        self._refresh_nystrom_blocks()
+        self.theta = state["theta"].to(dev, dt).clone()
+        self.u = state["u"].to(dev, dt).clone()
+        self.d_s = state["d_s"].to(dev, dt).clone()
+        self._temps_x.clear()
+        self._temps_a.clear()
+        self._since_solve = 0
+
+    def save(self, path: str | Path) -> None:
+        """Write :meth:`state_dict` to ``path`` with ``torch.save``."""
+        torch.save(self.state_dict(), path)
+
+    def load(self, path: str | Path) -> KernelModel:
+        """Load weights saved by :meth:`save` into this model; returns ``self``."""
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return self
+
+    @classmethod
+    def from_file(
+        cls, path: str | Path, kernel_fn: str | KernelFn, **kwargs: Any
+    ) -> KernelModel:
+        """Rebuild a model from a file written by :meth:`save` and the same ``kernel_fn``."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model = cls(int(state["n_outputs"]), state["centers"], kernel_fn, **kwargs)
+        model.load_state_dict(state)
+        return model
