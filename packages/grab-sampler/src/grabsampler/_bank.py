@@ -1,17 +1,21 @@
-"""Stored vectors in parameter space (running sums, stale means), one buffer per tensor.
+"""Stored vectors in parameter space (running sums, stale means), kept in blocks.
 
 A balancer keeps ``k`` vectors of the parameter space (``d`` entries): running
-sums, the stale mean, a cached example. They are stored split by parameter
-tensor, ``buffers[p]`` of shape ``(k, numel_p)``, so the extra memory is
-``O(k d)`` and never ``O(B d)``.
+sums, the stale mean, a cached example. They are stored in column blocks of
+shape ``(k, n_block)``: one block per large parameter tensor and one shared
+block for all small tensors (at most ``SMALL_COLS`` entries each), so the extra
+memory is ``O(k d)`` and never ``O(B d)`` (the shared block holds at most
+``16 * SMALL_COLS`` entries, so its per-batch copy is bounded).
 
 For a batch of rows ``X`` (``B`` examples) :meth:`AuxBank.batch_gram` returns
 the inner-product matrix of ``[x_1..x_B, a_1..a_k]`` in float64 on the host
-(one device-to-host copy per batch). Entries between two stored vectors are
-only computed for the rows a balancer asks for (``sel``); the others are 0.
-After the balancer has decided its signs it returns, in the same row
-coordinates, the change of every stored vector; :meth:`AuxBank.apply`
-performs it with one ``(k', B) @ (B, numel_p)`` product per tensor.
+(one device-to-host copy per batch): per large tensor one ``(B, B)`` product,
+one ``(B, k)`` product and one ``(k, k)`` product; the small tensors of a
+batch are gathered (a copy of at most ``B * SMALL_COLS`` entries each) and
+handled by a single product, which keeps the per-step overhead low for small
+models. After the balancer has decided its signs it returns the weights of
+the change of the stored vectors; :meth:`AuxBank.apply` performs it with one
+``(k', B) @ (B, n_block)`` product per block.
 """
 
 from __future__ import annotations
@@ -21,38 +25,68 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from grabsampler._rows import Rows
+from grabsampler._rows import DenseRows, Rows
 
-__all__ = ["AuxBank"]
+__all__ = ["SMALL_COLS", "AuxBank"]
+
+#: parameter tensors with at most this many entries share one storage block
+SMALL_COLS = 4096
 
 
 class AuxBank:
-    """``k`` stored vectors of the parameter space, split by parameter tensor.
+    """``k`` stored vectors of the parameter space, in column blocks.
 
     Args:
         sizes: number of entries of each parameter tensor.
         k: number of stored vectors.
         dtype: floating dtype of the buffers.
         device: device of the buffers.
+        passive: number of trailing stored vectors that are only updated, never
+            needed in inner products (their Gram entries are returned as 0).
     """
 
     def __init__(
-        self, sizes: Sequence[int], k: int, dtype: torch.dtype, device: torch.device
+        self,
+        sizes: Sequence[int],
+        k: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        passive: int = 0,
     ) -> None:
+        self.passive = passive
         self.sizes = [int(s) for s in sizes]
         self.dtype = dtype
         self.device = device
-        self.buffers: list[Tensor] = [torch.zeros(k, s, dtype=dtype, device=device) for s in sizes]
         self.k = k
+        small: list[int] = []
+        large: list[int] = []
+        total = 0
+        for i, n in enumerate(self.sizes):
+            if n <= SMALL_COLS and total + n <= 16 * SMALL_COLS:
+                small.append(i)
+                total += n
+            else:
+                large.append(i)
+        #: blocks as lists of parameter indices (the shared small block first)
+        self.groups: list[list[int]] = ([small] if small else []) + [[i] for i in large]
+        self._alloc([torch.zeros(k, sum(self.sizes[i] for i in g)) for g in self.groups])
+
+    def _alloc(self, blocks: list[Tensor]) -> None:
+        self.blocks = [b.to(device=self.device, dtype=self.dtype).contiguous() for b in blocks]
+        self.buffers: list[Tensor] = [torch.empty(0)] * len(self.sizes)
+        for g, blk in zip(self.groups, self.blocks):
+            off = 0
+            for i in g:
+                self.buffers[i] = blk[:, off : off + self.sizes[i]]
+                off += self.sizes[i]
 
     def grow(self, k: int) -> None:
         """Appends zero vectors so that ``k`` are stored (never shrinks)."""
         if k <= self.k:
             return
-        self.buffers = [
-            torch.cat([b, torch.zeros(k - self.k, b.shape[1], dtype=b.dtype, device=b.device)])
-            for b in self.buffers
-        ]
+        self._alloc(
+            [torch.cat([b, torch.zeros(k - self.k, b.shape[1], dtype=b.dtype)]) for b in self.blocks]
+        )
         self.k = k
 
     def check_rows(self, rows: Sequence[Rows]) -> int:
@@ -73,83 +107,110 @@ class AuxBank:
             raise ValueError("per_sample_grads: tensors disagree on the batch size")
         return b
 
+    def _block_rows(self, rows: Sequence[Rows], g: list[int]) -> Rows | None:
+        """One dense row set for a block of several tensors, or None if not all dense."""
+        if len(g) == 1:
+            return rows[g[0]]
+        xs = [rows[i] for i in g]
+        if not all(isinstance(r, DenseRows) for r in xs):
+            return None
+        return DenseRows(torch.cat([r.x for r in xs], dim=1))  # type: ignore[attr-defined]
+
     @torch.no_grad()
-    def batch_gram(self, rows: Sequence[Rows], sel: Sequence[int]) -> Tensor:
+    def batch_gram(self, rows: Sequence[Rows]) -> tuple[Tensor, list[Rows | None]]:
         """Inner products of ``[rows; stored vectors]`` as a float64 CPU matrix.
 
         Args:
             rows: one :class:`~grabsampler._rows.Rows` per parameter tensor.
-            sel: stored vectors whose mutual inner products are needed.
 
         Returns:
-            ``(B + k, B + k)`` float64 tensor on the CPU.
+            The ``(B + k, B + k)`` float64 CPU matrix, and the per-block rows to
+            hand back to :meth:`apply`.
         """
-        b = rows[0].batch_size
         k = self.k
-        top: Tensor | None = None
-        low: Tensor | None = None
-        sel_idx = list(sel)
-        for r, a in zip(rows, self.buffers):
-            g = r.gram()
-            part = torch.cat([g, r.cross(a).to(g.dtype)], dim=1) if k else g
-            part = part.to(torch.float64)
-            top = part if top is None else top + part
-            if sel_idx:
-                s = a[sel_idx]
-                ss = (s @ s.T).to(torch.float64)
-                low = ss if low is None else low + ss
-        assert top is not None
-        full = torch.zeros(b + k, b + k, dtype=torch.float64)
-        top_c = top.cpu()
-        full[:b] = top_c
-        full[b:, :b] = top_c[:, b:].T
-        if low is not None:
-            pos = torch.tensor([b + i for i in sel_idx])
-            full[pos.unsqueeze(1), pos.unsqueeze(0)] = low.cpu()
-        return full
+        ka = k - self.passive
+        parts: list[Tensor] = []
+        brows: list[Rows | None] = []
+        for g, blk in zip(self.groups, self.blocks):
+            br = self._block_rows(rows, g)
+            brows.append(br)
+            pairs = [(br, blk)] if br is not None else [(rows[i], self.buffers[i]) for i in g]
+            for r, a in pairs:
+                act = a[:ka]
+                if isinstance(r, DenseRows):
+                    x = r.x
+                    act = act if act.dtype == x.dtype and act.device == x.device else act.to(x)
+                    if x.shape[1] <= SMALL_COLS * 4:
+                        z = torch.cat([x, act])
+                        parts.append((z @ z.T).to(torch.float64))
+                        continue
+                    gm = x @ x.T
+                    h = x @ act.T
+                else:
+                    gm = r.gram()
+                    h = r.cross(act).to(gm.dtype)
+                ss = (act @ act.T).to(gm.dtype)
+                top = torch.cat([gm, h], dim=1)
+                low = torch.cat([h.T, ss], dim=1)
+                parts.append(torch.cat([top, low]).to(torch.float64))
+        full = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+        if self.passive:
+            full = torch.nn.functional.pad(full, (0, self.passive, 0, self.passive))
+        return full.cpu(), brows
 
     @torch.no_grad()
-    def apply(self, rows: Sequence[Rows], delta: Tensor) -> None:
-        """Adds ``delta @ [rows; stored vectors]`` to the stored vectors.
+    def apply(
+        self,
+        rows: Sequence[Rows],
+        brows: Sequence[Rows | None],
+        changed: Sequence[int],
+        wx: Tensor,
+        terms: Sequence[tuple[int, int, float]] = (),
+    ) -> None:
+        """Adds ``wx @ rows`` (plus multiples of stored vectors) to the vectors ``changed``.
 
         Args:
-            rows: the batch the deltas refer to.
-            delta: ``(k, B + k)`` float64 tensor (row coordinates of :meth:`batch_gram`).
+            rows: the batch the weights refer to (one per parameter tensor).
+            brows: the per-block rows returned by :meth:`batch_gram`.
+            changed: indices of the stored vectors that change.
+            wx: ``(len(changed), B)`` float64 weights of the batch rows.
+            terms: ``(j, i, c)``: add ``c`` times stored vector ``i`` to ``changed[j]``.
         """
-        b = rows[0].batch_size
-        changed = [i for i in range(self.k) if bool(delta[i].any())]
         if not changed:
             return
-        dx = delta[changed, :b].to(device=self.device, dtype=self.dtype)
-        da = delta[changed, b:]
-        use_a = bool(da.any())
-        da_dev = da.to(device=self.device, dtype=self.dtype) if use_a else None
-        for r, a in zip(rows, self.buffers):
-            upd = r.combine(dx).to(a.dtype)
-            if da_dev is not None:
-                upd = upd + da_dev @ a
-            for j, i in enumerate(changed):
-                a[i].add_(upd[j])
+        wx_dev = wx.to(device=self.device, dtype=self.dtype)
+        lo, hi = changed[0], changed[-1] + 1
+        contiguous = list(changed) == list(range(lo, hi))
+        for g, blk, br in zip(self.groups, self.blocks, brows):
+            pairs = [(br, blk)] if br is not None else [(rows[i], self.buffers[i]) for i in g]
+            for r, a in pairs:
+                if contiguous and isinstance(r, DenseRows) and r.x.dtype == a.dtype:
+                    a[lo:hi].addmm_(wx_dev, r.x)
+                else:
+                    upd = r.combine(wx_dev).to(a.dtype)
+                    for j, i in enumerate(changed):
+                        a[i].add_(upd[j])
+            for j, i, c in terms:
+                blk[changed[j]].add_(blk[i], alpha=c)
 
     @torch.no_grad()
     def transform(self, mat: Tensor) -> None:
         """Replaces the stored vectors by ``mat @ stored`` (``mat`` is ``(k, k)``)."""
         m = mat.to(device=self.device, dtype=self.dtype)
-        for i, a in enumerate(self.buffers):
-            self.buffers[i] = m @ a
+        self._alloc([m @ b for b in self.blocks])
 
     def state(self) -> list[Tensor]:
-        """Copies of the buffers."""
+        """Copies of the stored vectors, one ``(k, numel)`` tensor per parameter."""
         return [b.detach().clone() for b in self.buffers]
 
     def load(self, buffers: Sequence[Tensor]) -> None:
         """Restores buffers saved by :meth:`state`."""
         if len(buffers) != len(self.sizes):
             raise ValueError("state_dict: aux buffers do not match the trainable parameters")
-        new = []
         for b, s in zip(buffers, self.sizes):
             if b.dim() != 2 or int(b.shape[1]) != s:
                 raise ValueError("state_dict: aux buffer shape does not match the parameters")
-            new.append(b.detach().to(device=self.device, dtype=self.dtype).clone())
-        self.buffers = new
-        self.k = int(new[0].shape[0]) if new else 0
+        k = int(buffers[0].shape[0]) if buffers else 0
+        blocks = [torch.cat([buffers[i].detach().cpu() for i in g], dim=1) for g in self.groups]
+        self.k = k
+        self._alloc(blocks)

@@ -219,7 +219,7 @@ class DistributedGraBSampler(Sampler[int]):
             diffs.append(src[ia] - src[ib])
         gathered = self._gather(diffs)
         grows = [DenseRows(g) for g in gathered]
-        gram = self.bank.batch_gram(grows, [])
+        gram, brows = self.bank.batch_gram(grows)
         kk = gram.shape[0] - 1
         if not bool(torch.isfinite(gram).all()):
             raise ValueError("per_sample_grads contain non-finite values (inf or nan)")
@@ -232,9 +232,7 @@ class DistributedGraBSampler(Sampler[int]):
         if self.num_replicas > 1:
             dist.broadcast(eps_t, src=0)
             eps = [int(e) for e in eps_t.tolist()]
-        delta = torch.zeros(1, kk + 1, dtype=torch.float64)
-        delta[0] = eps_t @ coef
-        self.bank.apply(grows, delta)
+        self.bank.apply(grows, brows, [0], (eps_t @ coef)[None, :kk])
         base = self.position
         for k, (u, v) in enumerate(pairs):
             e = eps[k * self.num_replicas + self.rank]

@@ -130,7 +130,13 @@ class GraBSampler(Sampler[int]):
         )
         self.balance_type, self.balancer = make_balancer(balance_type, self.n, self.decider, depth)
         self.random_first_epoch = random_first_epoch
-        self.bank = AuxBank(self.sizes, self.balancer.aux_rows(1), self.dtype, self.device)
+        self.bank = AuxBank(
+            self.sizes,
+            self.balancer.aux_rows(1),
+            self.dtype,
+            self.device,
+            passive=self.balancer.passive,
+        )
         self.epoch = -1
         self.in_epoch = False
         self.position = 0
@@ -206,12 +212,12 @@ class GraBSampler(Sampler[int]):
         k = self.balancer.aux_rows(b)
         if k > self.bank.k:
             self.bank.grow(k)
-        gram = self.bank.batch_gram(rows, self.balancer.gram_rows())
+        gram, brows = self.bank.batch_gram(rows)
         if not bool(torch.isfinite(gram[:b]).all()):
             raise ValueError("per_sample_grads contain non-finite values (inf or nan)")
-        delta = self.balancer.step(gram, indices)
-        if delta is not None:
-            self.bank.apply(rows, delta)
+        update = self.balancer.step(gram, indices)
+        if update is not None:
+            self.bank.apply(rows, brows, *update)
         self.position += b
 
     # ------------------------------------------------------------------- state

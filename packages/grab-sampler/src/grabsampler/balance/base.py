@@ -29,7 +29,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Balancer", "Decider", "TwoEnded"]
+__all__ = ["Balancer", "Decider", "TwoEnded", "Update", "split_delta"]
+
+#: change of the stored vectors: (indices ``changed`` of the vectors that change,
+#: weights ``(len(changed), B)`` of the batch rows, terms ``(j, i, c)`` adding
+#: ``c`` times stored vector ``i`` to vector ``changed[j]``)
+Update = tuple[list[int], Tensor, list[tuple[int, int, float]]]
+
+
+def split_delta(delta: Tensor, b: int) -> Update:
+    """Turns a ``(k, B + k)`` change matrix into an :data:`Update` (changed rows only)."""
+    changed = [int(i) for i in torch.nonzero(delta.abs().sum(dim=1)).flatten().tolist()]
+    wx = delta[changed, :b]
+    wa = delta[changed, b:].tolist()
+    terms = [(j, i, c) for j, row in enumerate(wa) for i, c in enumerate(row) if c != 0.0]
+    return changed, wx, terms
 
 
 class Decider:
@@ -65,9 +79,7 @@ class Decider:
         return 1 if u < p else -1
 
     def scales(self, sq_norms: Tensor) -> Tensor:
-        """Per-vector factors: ``1/||c||`` when normalizing (0 for a zero vector), else 1."""
-        if not self.normalize:
-            return torch.ones_like(sq_norms)
+        """Per-vector factors ``1/||c||`` (0 for a zero vector); used when normalizing."""
         nrm = sq_norms.clamp_min(0).sqrt()
         return torch.where(nrm > 0, 1.0 / torch.where(nrm > 0, nrm, 1.0), 0.0)
 
@@ -93,10 +105,11 @@ class Decider:
         cr = coef @ gram
         a = cr @ s
         v = cr @ coef.T
-        sc = self.scales(torch.diagonal(v))
-        coef = coef * sc[:, None]
-        a = a * sc
-        v = v * sc[:, None] * sc[None, :]
+        if self.normalize:
+            sc = self.scales(torch.diagonal(v))
+            coef = coef * sc[:, None]
+            a = a * sc
+            v = v * sc[:, None] * sc[None, :]
         us = self.uniforms(k)
         al = a.tolist()
         eps: list[int] = []
@@ -167,6 +180,8 @@ class Balancer:
 
     name = "base"
     uses_gradients = True
+    #: trailing stored vectors that never enter inner products
+    passive = 0
 
     def __init__(self, n: int, decider: Decider) -> None:
         self.n = n
@@ -176,15 +191,11 @@ class Balancer:
         """Number of stored vectors needed before a batch of ``batch_size`` arrives."""
         return 0
 
-    def gram_rows(self) -> list[int]:
-        """Stored vectors whose mutual inner products the next step needs."""
-        return []
-
     def start_epoch(self, order: list[int]) -> None:
         raise NotImplementedError
 
-    def step(self, gram: Tensor, indices: list[int]) -> Tensor | None:
-        """Balances one batch; returns the change of the stored vectors (``(k, B+k)``)."""
+    def step(self, gram: Tensor, indices: list[int]) -> Update | None:
+        """Balances one batch; returns the change of the stored vectors."""
         raise NotImplementedError
 
     def end_epoch(self, unvisited: list[int]) -> tuple[list[int], Tensor | None]:

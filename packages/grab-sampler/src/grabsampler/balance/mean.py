@@ -3,8 +3,8 @@
 Each example's gradient is centered by the *stale mean* (the average gradient
 of the previous epoch, zero in the first) and balanced greedily against a
 running sum; positives fill the next order from the front, negatives from
-the back. Stored vectors: the running sum ``s``, the stale mean ``m`` and the
-sum ``t`` of this epoch's gradients (the next stale mean).
+the back. Stored vectors: the stale mean ``m``, the running sum ``s`` and
+the sum ``t`` of this epoch's gradients (the next stale mean).
 
 Reference:
     Y. Lu, W. Guo, C. De Sa. GraB: Finding Provably Better Data Permutations
@@ -13,16 +13,17 @@ Reference:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from grabsampler.balance.base import Balancer, TwoEnded
+from grabsampler.balance.base import Balancer, TwoEnded, Update
 
 __all__ = ["MeanBalance"]
 
-S, M, T = 0, 1, 2
+M, S, T = 0, 1, 2  # stale mean, running sum (in inner products); next-mean sum (update only)
 
 
 class MeanBalance(Balancer):
@@ -36,32 +37,46 @@ class MeanBalance(Balancer):
         self.place = TwoEnded(n)
         self.count = 0
 
+    passive = 1
+
     def aux_rows(self, batch_size: int) -> int:
         return 3
-
-    def gram_rows(self) -> list[int]:
-        return [S, M]
 
     def start_epoch(self, order: list[int]) -> None:
         self.place = TwoEnded(len(order))
         self.count = 0
 
-    def step(self, gram: Tensor, indices: list[int]) -> Tensor:
+    def step(self, gram: Tensor, indices: list[int]) -> Update:
         b = len(indices)
-        k = gram.shape[0] - b
-        coef = torch.zeros(b, b + k, dtype=torch.float64)
-        coef[:, :b] = torch.eye(b, dtype=torch.float64)
-        coef[:, b + M] = -1.0
-        s = torch.zeros(b + k, dtype=torch.float64)
-        s[b + S] = 1.0
-        eps, coef = self.decider.walk(coef, gram, s, sequential=self.sequential)
+        g = gram.tolist()
+        mrow = g[b + M]
+        mm = mrow[b + M]
+        rm = mrow[:b]  # <x_i, m>
+        # <s, x_i - m> and the centered Gram <x_i - m, x_j - m>, in plain floats
+        al = [g[i][b + S] - g[b + S][b + M] for i in range(b)]
+        sc = [1.0] * b
+        if self.decider.normalize:
+            sq = [g[i][i] - 2 * rm[i] + mm for i in range(b)]
+            sc = [1.0 / math.sqrt(q) if q > 0 else 0.0 for q in sq]
+            al = [a * c for a, c in zip(al, sc)]
+        us = self.decider.uniforms(b)
+        eps: list[int] = []
+        greedy = not self.decider.probabilistic
+        for i in range(b):
+            e = (1 if al[i] < 0 else -1) if greedy else self.decider.sign(al[i], us[i])
+            eps.append(e)
+            if self.sequential and i + 1 < b:
+                gi, base, ci = g[i], rm[i] - mm, e * sc[i]
+                al[i + 1 :] = [
+                    a + ci * c * (gij - base - rj)
+                    for a, c, gij, rj in zip(al[i + 1 :], sc[i + 1 :], gi[i + 1 : b], rm[i + 1 :])
+                ]
         for i, e in zip(indices, eps):
             self.place.put(i, e)
-        delta = torch.zeros(k, b + k, dtype=torch.float64)
-        delta[S] = torch.tensor(eps, dtype=torch.float64) @ coef
-        delta[T, :b] = 1.0
+        w = [e * c for e, c in zip(eps, sc)]
+        wx = torch.tensor([w, [1.0] * b], dtype=torch.float64)
         self.count += b
-        return delta
+        return [S, T], wx, [(0, M, -sum(w))]  # s += sum_i w_i (x_i - m)
 
     def end_epoch(self, unvisited: list[int]) -> tuple[list[int], Tensor]:
         order = self.place.finish(unvisited)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from grabsampler.balance.base import Balancer, TwoEnded
+from grabsampler.balance.base import Balancer, TwoEnded, Update, split_delta
 
 __all__ = ["PairBalance", "pair_up"]
 
@@ -47,14 +47,11 @@ class PairBalance(Balancer):
     def aux_rows(self, batch_size: int) -> int:
         return 2
 
-    def gram_rows(self) -> list[int]:
-        return [S, CACHE]
-
     def start_epoch(self, order: list[int]) -> None:
         self.place = TwoEnded(len(order))
         self.cache_index = -1
 
-    def step(self, gram: Tensor, indices: list[int]) -> Tensor:
+    def step(self, gram: Tensor, indices: list[int]) -> Update:
         b = len(indices)
         k = gram.shape[0] - b
         has_cache = self.cache_index >= 0
@@ -81,7 +78,7 @@ class PairBalance(Balancer):
             self.cache_index = ids[left]
         else:
             self.cache_index = -1
-        return delta
+        return split_delta(delta, b)
 
     def end_epoch(self, unvisited: list[int]) -> tuple[list[int], Tensor]:
         middle = ([self.cache_index] if self.cache_index >= 0 else []) + unvisited

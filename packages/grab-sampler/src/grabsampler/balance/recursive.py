@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from grabsampler.balance.base import Balancer, Decider
+from grabsampler.balance.base import Balancer, Decider, Update, split_delta
 
 __all__ = ["RecursiveBalance"]
 
@@ -36,6 +36,7 @@ class RecursiveBalance(Balancer):
     """
 
     name = "recursive"
+    passive = 1
 
     def __init__(self, n: int, decider: Decider, depth: int = 4) -> None:
         super().__init__(n, decider)
@@ -57,14 +58,11 @@ class RecursiveBalance(Balancer):
     def aux_rows(self, batch_size: int) -> int:
         return self.nodes + 2
 
-    def gram_rows(self) -> list[int]:
-        return [*range(self.nodes), self.m]
-
     def start_epoch(self, order: list[int]) -> None:
         self._reset_leaves()
         self.count = 0
 
-    def step(self, gram: Tensor, indices: list[int]) -> Tensor:
+    def step(self, gram: Tensor, indices: list[int]) -> Update:
         b = len(indices)
         k = gram.shape[0] - b
         coef = torch.zeros(b, b + k, dtype=torch.float64)
@@ -72,7 +70,8 @@ class RecursiveBalance(Balancer):
         coef[:, b + self.m] = -1.0
         cg = coef @ gram
         vv = cg @ coef.T  # centered Gram (B, B)
-        sc = self.decider.scales(torch.diagonal(vv))
+        diag = torch.diagonal(vv)
+        sc = self.decider.scales(diag) if self.decider.normalize else torch.ones_like(diag)
         a = (cg[:, b : b + self.nodes] * sc[:, None]).tolist()  # <s_v, c_i> / ||c_i||
         v = (vv * sc[:, None] * sc[None, :]).tolist()
         us = self.decider.uniforms(b * self.depth)
@@ -100,7 +99,7 @@ class RecursiveBalance(Balancer):
                 delta[node] += (ej * scl[j]) * coef[j]
         delta[self.t, :b] = 1.0
         self.count += b
-        return delta
+        return split_delta(delta, b)
 
     def end_epoch(self, unvisited: list[int]) -> tuple[list[int], Tensor]:
         order: list[int] = []

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from grabsampler.balance.base import Balancer
+from grabsampler.balance.base import Balancer, Update, split_delta
 from grabsampler.balance.pair import pair_up
 
 __all__ = ["RecursivePairBalance"]
@@ -46,7 +46,7 @@ class RecursivePairBalance(Balancer):
     def start_epoch(self, order: list[int]) -> None:
         self.batches = []
 
-    def step(self, gram: Tensor, indices: list[int]) -> Tensor:
+    def step(self, gram: Tensor, indices: list[int]) -> Update:
         b = len(indices)
         k = gram.shape[0] - b
         delta = torch.zeros(k, b + k, dtype=torch.float64)
@@ -71,7 +71,7 @@ class RecursivePairBalance(Balancer):
 
         slots = rec(list(range(b)), 0)
         self.batches.append([indices[r] for r in slots])
-        return delta
+        return split_delta(delta, b)
 
     def end_epoch(self, unvisited: list[int]) -> tuple[list[int], Tensor]:
         order: list[int] = []
