@@ -1,0 +1,337 @@
+"""torchsso benchmark: K-FAC / VOGN against torch.optim SGD/Adam and ASDL on digits.
+
+Measures, side by side in one run (MLP 64-256-256-10, scikit-learn digits, batch 128, CPU):
+
+1. per-step time (median over interleaved rounds) of SGD, Adam, torchsso K-FAC with the
+   curvature updated every step / every 10 steps, and ASDL's K-FAC where ``asdl`` imports;
+2. epochs (and wall-clock) to training cross-entropy <= 0.01;
+3. robustness over lr x damping in {1e-3, 1e-2, 1e-1}^2 with momentum 0.9;
+4. VOGN: training cross-entropy and test expected calibration error vs Adam (3 seeds).
+
+Writes ``benchmarks/results/torchsso_bench.json`` and the table into
+``packages/torchsso/README.md`` (between the ``bench`` markers).
+
+Run: ``python benchmarks/torchsso_bench.py`` (about 5 minutes; ``--quick`` for a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from optcore.data import load_sklearn
+from torch import nn
+
+import torchsso
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET = 0.01
+KFAC = dict(curv_type="Fisher", damping=1e-2, ema_decay=0.1, lr=0.01, kl_clip=1e-2)
+
+try:  # the peer (bench dependency group); optional
+    import asdl
+
+    HAVE_ASDL = True
+except Exception:  # pragma: no cover - depends on the environment
+    HAVE_ASDL = False
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+    )
+
+
+Step = Callable[[torch.Tensor, torch.Tensor], None]
+
+
+def torch_step(model: nn.Module, opt: torch.optim.Optimizer) -> Step:
+    def step(x, y):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def sso_step(model: nn.Module, opt: torchsso.SecondOrderOptimizer) -> Step:
+    def step(x, y):
+        def closure():
+            opt.zero_grad()
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+            loss.backward()
+            return loss, out
+
+        opt.step(closure)
+
+    return step
+
+
+def asdl_step(model: nn.Module, lr: float, damping: float, interval: int, mom: float = 0.9) -> Step:
+    cfg = asdl.PreconditioningConfig(
+        data_size=128, damping=damping, preconditioner_upd_interval=interval,
+        curvature_upd_interval=interval,
+    )  # fmt: skip
+    gm = asdl.KfacGradientMaker(model, cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=mom)
+
+    def step(x, y):
+        opt.zero_grad()
+        dummy = gm.setup_model_call(model, x)
+        gm.setup_loss_call(F.cross_entropy, dummy, y)
+        gm.forward_and_backward()
+        opt.step()
+
+    return step
+
+
+def kfac(model: nn.Module, *, interval: int = 1, lr: float | None = None,
+         damping: float | None = None, **kw) -> Step:  # fmt: skip
+    c = dict(KFAC)
+    opt = torchsso.SecondOrderOptimizer(
+        model, c["curv_type"], {"Linear": "Kron"},
+        {"damping": c["damping"] if damping is None else damping, "ema_decay": c["ema_decay"]},
+        lr=c["lr"] if lr is None else lr, momentum=0.9, curv_interval=interval,
+        kl_clip=c["kl_clip"], **kw,
+    )  # fmt: skip
+    return sso_step(model, opt)
+
+
+def methods(lr_sgd=0.1, lr_adam=1e-3) -> dict[str, Callable[[nn.Module], Step]]:
+    out: dict[str, Callable[[nn.Module], Step]] = {
+        "SGD (momentum 0.9)": lambda m: torch_step(m, torch.optim.SGD(m.parameters(), lr=lr_sgd, momentum=0.9)),
+        "Adam": lambda m: torch_step(m, torch.optim.Adam(m.parameters(), lr=lr_adam)),
+        "torchsso K-FAC, every step": lambda m: kfac(m),
+        "torchsso K-FAC, every 10 steps": lambda m: kfac(m, interval=10),
+    }
+    if HAVE_ASDL:
+        out["ASDL K-FAC, every step"] = lambda m: asdl_step(m, 0.01, 1e-2, 1)
+        out["ASDL K-FAC, every 10 steps"] = lambda m: asdl_step(m, 0.01, 1e-2, 10)
+    return out
+
+
+# --------------------------------------------------------------------------- timing
+def timing(rounds: int, per_round: int) -> dict[str, dict[str, float]]:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(128, 64, generator=g), torch.randint(0, 10, (128,), generator=g)
+    steps = {name: make(mlp()) for name, make in methods(lr_sgd=1e-3, lr_adam=1e-4).items()}
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for f in steps.values():
+        for _ in range(10):
+            f(x, y)
+    for _ in range(rounds):
+        for name, f in steps.items():
+            for _ in range(per_round):
+                t = time.perf_counter()
+                f(x, y)
+                times[name].append(time.perf_counter() - t)
+    base = statistics.median(times["SGD (momentum 0.9)"])
+    return {
+        k: {
+            "median_ms": 1e3 * statistics.median(v),
+            "mean_ms": 1e3 * statistics.fmean(v),
+            "ratio_median": statistics.median(v) / base,
+            "ratio_mean": statistics.fmean(v) / (statistics.fmean(times["SGD (momentum 0.9)"])),
+        }
+        for k, v in times.items()
+    }
+
+
+# ----------------------------------------------------------------------- training
+def train(make_step: Callable[[nn.Module], Step], epochs: int, seed: int = 0, stop: bool = True):
+    d = DATA
+    model = mlp(seed)
+    step = make_step(model)
+    g = torch.Generator().manual_seed(seed)
+    n = len(d.x_train)
+    hist, wall, reached = [], 0.0, None
+    for ep in range(epochs):
+        perm = torch.randperm(n, generator=g)
+        t = time.perf_counter()
+        try:
+            for i in range(0, n, 128):
+                idx = perm[i : i + 128]
+                step(d.x_train[idx], d.y_train[idx])
+        except (FloatingPointError, RuntimeError, ValueError):
+            hist.append(float("nan"))
+            break
+        wall += time.perf_counter() - t
+        with torch.no_grad():
+            ce = float(F.cross_entropy(model(d.x_train), d.y_train))
+        hist.append(ce)
+        if not math.isfinite(ce):
+            break
+        if reached is None and ce <= TARGET:
+            reached = (ep + 1, wall)
+            if stop:
+                break
+    return model, hist, reached
+
+
+def epochs_to_target(max_epochs: int) -> dict[str, dict]:
+    out = {}
+    for name, make in methods().items():
+        _, hist, reached = train(make, max_epochs)
+        out[name] = {
+            "epochs": None if reached is None else reached[0],
+            "seconds": None if reached is None else reached[1],
+            "final_ce": hist[-1],
+        }
+    return out
+
+
+def robustness(max_epochs: int) -> dict[str, dict]:
+    grid = [1e-3, 1e-2, 1e-1]
+    runs: dict[str, Callable[[float, float], Callable[[nn.Module], Step]]] = {
+        "torchsso K-FAC": lambda lr, dmp: (lambda m: kfac(m, lr=lr, damping=dmp)),
+    }
+    if HAVE_ASDL:
+        runs["ASDL K-FAC"] = lambda lr, dmp: (lambda m: asdl_step(m, lr, dmp, 1))
+    out = {}
+    for name, mk in runs.items():
+        cells = {}
+        for lr in grid:
+            for dmp in grid:
+                _, hist, reached = train(mk(lr, dmp), max_epochs)
+                cells[f"lr={lr:g},damping={dmp:g}"] = None if reached is None else reached[0]
+        out[name] = {"cells": cells, "ok": sum(v is not None for v in cells.values()), "of": 9}
+    return out
+
+
+def ece(p: torch.Tensor, y: torch.Tensor, bins: int = 15) -> float:
+    conf, pred = p.max(1)
+    acc = (pred == y).float()
+    e = 0.0
+    for i in range(bins):
+        m = (conf > i / bins) & (conf <= (i + 1) / bins)
+        if m.any():
+            e += float(m.float().mean() * (acc[m].mean() - conf[m].mean()).abs())
+    return e
+
+
+VOGN = dict(lr=1e-3, momentum=0.9, prior_variance=0.1, kl_weighting=0.2, ema_decay=0.1)
+
+
+def vogn(epochs: int, seeds: int) -> dict[str, dict]:
+    d = DATA
+    res: dict[str, list] = {"VOGN": [], "Adam": []}
+    for seed in range(seeds):
+        model = mlp(seed)
+        opt = torchsso.VIOptimizer(
+            model, len(d.x_train), "Cov", {"Linear": "Diag"}, {"ema_decay": VOGN["ema_decay"]},
+            lr=VOGN["lr"], momentum=VOGN["momentum"], prior_variance=VOGN["prior_variance"],
+            kl_weighting=VOGN["kl_weighting"], seed=seed,
+        )  # fmt: skip
+        g = torch.Generator().manual_seed(seed)
+        best = float("inf")
+        for _ in range(epochs):
+            perm = torch.randperm(len(d.x_train), generator=g)
+            for i in range(0, len(perm), 128):
+                idx = perm[i : i + 128]
+                sso_step(model, opt)(d.x_train[idx], d.y_train[idx])
+            with torch.no_grad():
+                best = min(best, float(F.cross_entropy(model(d.x_train), d.y_train)))
+        with torch.no_grad():
+            ce = float(F.cross_entropy(model(d.x_train), d.y_train))
+            p = torchsso.prediction(model, d.x_test, mc_samples=20)
+        res["VOGN"].append({"train_ce": ce, "best_train_ce": best, "test_ece": ece(p, d.y_test),
+                            "test_acc": float((p.argmax(1) == d.y_test).float().mean())})  # fmt: skip
+        model, hist, _ = train(
+            lambda m: torch_step(m, torch.optim.Adam(m.parameters(), lr=1e-3)), epochs, seed, stop=False
+        )
+        with torch.no_grad():
+            p = torch.softmax(model(d.x_test), 1)
+        res["Adam"].append({"train_ce": hist[-1], "best_train_ce": min(hist), "test_ece": ece(p, d.y_test),
+                            "test_acc": float((p.argmax(1) == d.y_test).float().mean())})  # fmt: skip
+    return {
+        k: {m: statistics.fmean(r[m] for r in v) for m in v[0]} | {"seeds": len(v)}
+        for k, v in res.items()
+    }
+
+
+# ------------------------------------------------------------------------ report
+def table(res: dict) -> str:
+    t = res["timing"]
+    e = res["epochs"]
+    lines = [
+        "| method | step median (ms) | x SGD (median) | x SGD (mean) | epochs to CE<=0.01 | seconds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for k in t:
+        ep = e.get(k, {})
+        lines.append(
+            f"| {k} | {t[k]['median_ms']:.2f} | {t[k]['ratio_median']:.2f} | {t[k]['ratio_mean']:.2f} "
+            f"| {ep.get('epochs') or '>' + str(res['max_epochs'])} "
+            f"| {'' if ep.get('seconds') is None else format(ep['seconds'], '.2f')} |"
+        )
+    lines.append("")
+    lines.append("Robustness (lr x damping in {1e-3,1e-2,1e-1}^2, momentum 0.9, "
+                 f"CE<=0.01 within {res['robust_epochs']} epochs, epochs needed per cell):")  # fmt: skip
+    lines.append("")
+    for k, v in res["robustness"].items():
+        cells = ", ".join(f"{c}: {'-' if n is None else n}" for c, n in v["cells"].items())
+        lines.append(f"- {k}: **{v['ok']}/9** ({cells})")
+    lines.append("")
+    v = res["vogn"]
+    lines.append(f"VOGN vs Adam ({v['VOGN']['seeds']} seeds, {res['vogn_epochs']} epochs, mean):")
+    lines.append("")
+    lines.append("| method | final train CE | best train CE | test ECE | test accuracy |")
+    lines.append("|---|---|---|---|---|")
+    for k in ("VOGN", "Adam"):
+        r = v[k]
+        lines.append(f"| {k} | {r['train_ce']:.4f} | {r['best_train_ce']:.4f} | {r['test_ece']:.4f} | {r['test_acc']:.4f} |")
+    return "\n".join(lines)
+
+
+def write_readme(text: str) -> None:
+    path = ROOT / "packages" / "torchsso" / "README.md"
+    s = path.read_text()
+    a, b = "<!-- bench:start -->", "<!-- bench:end -->"
+    if a in s and b in s:
+        s = s[: s.index(a) + len(a)] + "\n" + text + "\n" + s[s.index(b) :]
+        path.write_text(s)
+
+
+DATA = load_sklearn("digits")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-readme", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    q = args.quick
+    res: dict = {"max_epochs": 10 if q else 30, "robust_epochs": 5 if q else 20,
+                 "vogn_epochs": 3 if q else 30, "threads": args.threads, "asdl": HAVE_ASDL}  # fmt: skip
+    t0 = time.time()
+    res["timing"] = timing(rounds=2 if q else 10, per_round=10 if q else 20)
+    print("timing", json.dumps(res["timing"], indent=1), flush=True)
+    res["epochs"] = epochs_to_target(res["max_epochs"])
+    print("epochs", json.dumps(res["epochs"], indent=1), flush=True)
+    res["robustness"] = robustness(res["robust_epochs"])
+    print("robustness", json.dumps(res["robustness"], indent=1), flush=True)
+    res["vogn"] = vogn(res["vogn_epochs"], 1 if q else 3)
+    print("vogn", json.dumps(res["vogn"], indent=1), flush=True)
+    res["seconds"] = time.time() - t0
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "torchsso_bench.json").write_text(json.dumps(res, indent=1))
+    text = table(res)
+    print(text)
+    if not args.no_readme and not q:
+        write_readme(text)
+
+
+if __name__ == "__main__":
+    main()
