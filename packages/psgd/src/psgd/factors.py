@@ -8,9 +8,10 @@ matrix products (``P_1 G P_2``) instead of four.
 
 Storage (per dense factor):
 
-* ``"EQ"``: ``Q_i`` is upper triangular, so one ``n x n`` tensor holds it in its upper
-  triangle and the strict lower triangle of ``P_i`` below it (the diagonal of
-  ``P_i`` is the squared column norms of ``Q_i``): the cache costs no memory.
+* ``"EQ"``: ``Q_i`` is upper triangular with a positive diagonal, so it is the
+  Cholesky factor of ``P_i``: the state holds ``P_i`` itself (``n x n``, as much as
+  kron-torch's ``Q_i``) and ``Q_i = chol(P_i)`` is recovered on update steps only.
+  Applying the preconditioner then reads ``P_i`` directly; the cache costs no memory.
 * ``"QEP"``, ``"QEQ"``, ``"Q0.5EQ1.5"``: dense ``Q_i`` plus a cached ``P_i``.
 * ``"QUAD"``: the state *is* ``P_i`` (fitted directly; nothing to cache).
 
@@ -144,27 +145,35 @@ def init_factors(
             continue
         eye = torch.eye(n, dtype=dtype, device=device) * s.to(device)
         qs.append(eye)
-        if geometry in ("EQ", "QUAD"):
+        if geometry == "EQ":
+            qs[-1] = eye * s.to(device)  # the state holds P_i = (s I)^H (s I)
+            ps.append(None)
+        elif geometry == "QUAD":
             ps.append(None)
         else:
             ps.append(eye * s.to(device))
     return qs, ps
 
 
-def _packed(q: Tensor, geometry: str) -> bool:
-    return q.dim() == 2 and geometry == "EQ"
+def _stores_p(q: Tensor, geometry: str) -> bool:
+    return q.dim() == 2 and geometry in ("EQ", "QUAD")
 
 
-def _unpack_q(m: Tensor) -> Tensor:
-    return torch.triu(m)
-
-
-def _unpack_p(m: Tensor) -> Tensor:
-    low = torch.tril(m, -1)
-    p = low + low.mH
-    col = torch.linalg.vector_norm(torch.triu(m), dim=0)
-    p.diagonal().add_((col * col).to(p.dtype))
-    return p
+def _chol_upper(p: Tensor) -> Tensor:
+    """Upper-triangular ``Q`` with positive diagonal and ``Q^H Q = P`` (float64 retry)."""
+    u, info = torch.linalg.cholesky_ex(p, upper=True)
+    if int(info) == 0:
+        return u
+    p64 = p.to(torch.complex128 if p.is_complex() else torch.float64)
+    p64 = 0.5 * (p64 + p64.mH)
+    jitter = torch.finfo(p.real.dtype).eps * p64.diagonal().real.abs().amax()
+    for _ in range(8):
+        u64, info = torch.linalg.cholesky_ex(p64, upper=True)
+        if int(info) == 0:
+            return u64.to(p.dtype)
+        p64 = p64 + jitter * torch.eye(p.shape[0], dtype=p64.dtype, device=p.device)
+        jitter = jitter * 10
+    raise RuntimeError("psgd: a preconditioner factor lost positive definiteness")
 
 
 def preconditioner_matrices(
@@ -173,14 +182,13 @@ def preconditioner_matrices(
     """The ``P_i`` to apply: matrices for dense factors, vectors for diagonal ones."""
     out = []
     for q, p in zip(qs, ps):
-        if geometry == "QUAD":
+        if geometry == "QUAD" or _stores_p(q, geometry):
             out.append(q)
         elif q.dim() < 2:
             out.append((q * q.conj()).real.to(q.dtype) if q.is_complex() else q * q)
-        elif p is not None:
-            out.append(p)
         else:
-            out.append(_unpack_p(q))
+            assert p is not None, "missing cached P"
+            out.append(p)
     return out
 
 
@@ -247,7 +255,9 @@ def update_factors(
     if geometry == "EQ" and v is None:
         raise ValueError("geometry 'EQ' needs a probe vector v")
     wide = torch.promote_types(qs[0].dtype, torch.float32)
-    work = [(_unpack_q(q) if _packed(q, geometry) else q).to(wide) for q in qs]
+    work = [
+        _chol_upper(q.to(wide)) if (geometry == "EQ" and q.dim() == 2) else q.to(wide) for q in qs
+    ]
     if do_balance or geometry == "QEP":
         balance(work)
     h = h.to(wide)
@@ -312,9 +322,8 @@ def update_factors(
                 p1 = p1 - half * (p1 @ f)
                 work[i] = 0.5 * (p1 + p1.mH)
     for i, (q, new) in enumerate(zip(qs, work)):
-        if _packed(q, geometry):
-            full = torch.triu(new)
-            q.copy_((full + torch.tril(full.mH @ full, -1)).to(q.dtype))
+        if geometry == "EQ" and q.dim() == 2:
+            q.copy_((new.mH @ new).to(q.dtype))
         else:
             q.copy_(new.to(q.dtype))
             cache = ps[i]

@@ -56,12 +56,10 @@ class _KronFamily(FamilyBase):
         scale = group["preconditioner_init_scale"]
         if scale is None:
             m4 = g.detach().abs().double().pow(4).mean()
-            power = -1.0 / 4 if self.newton else -1.0 / 8
-            auto = m4.pow(power)
-            if self.newton:  # |h| ~ |H v| with |v| ~ 1: P ~ 1/|H|, Q ~ |h|^(-1/2)
-                auto = m4.pow(-1.0 / 8)
+            # whitening: P ~ 1/|g|; Newton: |h| ~ |H v| with |v| ~ 1, P ~ 1/|H|; Q ~ P^(1/2)
+            auto = m4.pow(-1.0 / 8)
             scale = float(auto) if math.isfinite(float(auto)) and float(m4) > 0 else 1.0
-        pdt = group["preconditioner_dtype"] or (torch.complex64 if g.is_complex() else torch.float32)
+        pdt = group["preconditioner_dtype"] or torch.promote_types(g.dtype, torch.float32)
         qs, ps = F.init_factors(shape, dense, scale, geometry=group["geometry"], dtype=pdt, device=g.device)
         for i, q in enumerate(qs):
             state[f"Q{i}"] = q

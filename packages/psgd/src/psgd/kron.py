@@ -150,7 +150,7 @@ class Kron(PSGDBase):
     def _init_state(self, group: dict[str, Any], p: Tensor, g: Tensor) -> None:
         shape, dense = self._layout(group, p)
         state = self.state[p]
-        pdt = group["precond_dtype"] or (torch.complex64 if p.is_complex() else torch.float32)
+        pdt = group["precond_dtype"] or torch.promote_types(p.dtype, torch.float32)
         scale: float | Tensor = group["precond_init_scale"]
         if scale is None:
             m4 = g.detach().abs().float().pow(4).mean()
@@ -206,6 +206,7 @@ class Kron(PSGDBase):
         do_balance = do_update and n_upd % 100 == 99
 
         work: list[tuple[dict[str, Any], Tensor, Tensor, int]] = []
+        candidates: list[tuple[dict[str, Any], int, Tensor, int]] = []
         index = -1
         for group in self.param_groups:
             for i, p in enumerate(group["params"]):
@@ -213,14 +214,18 @@ class Kron(PSGDBase):
                 if p.grad is None:
                     continue
                 self._check_grad(p, p.grad)
-                if not bool(torch.isfinite(p.grad).all()):
-                    self._warn_nonfinite(self._param_name(group, i, p))
-                    continue
-                shape, _ = self._layout(group, p)
-                g = p.grad.reshape(shape)
-                if not self.state[p]:
-                    self._init_state(group, p, g)
-                work.append((group, p, g, index))
+                candidates.append((group, i, p, index))
+        finite = _all_finite([p.grad for _, _, p, _ in candidates])
+        for (group, i, p, index), ok in zip(candidates, finite):
+            if not ok:
+                self._warn_nonfinite(self._param_name(group, i, p))
+                continue
+            shape, _ = self._layout(group, p)
+            assert p.grad is not None
+            g = p.grad.reshape(shape)
+            if not self.state[p]:
+                self._init_state(group, p, g)
+            work.append((group, p, g, index))
 
         owners = self._ownership.owners(self.param_groups, self._layout) if do_update else None
         for group, p, g, index in work:
@@ -228,12 +233,15 @@ class Kron(PSGDBase):
             state["step"].add_(1)
             b1 = group["b1"]
             mom = state["momentum_buffer"]
-            mom.mul_(b1).add_(g.to(mom.dtype), alpha=1 - b1)
+            mom.lerp_(g.to(mom.dtype), 1 - b1)
             if not do_update or (owners is not None and not self._ownership.mine(owners[index])):
                 continue
             qs, ps, ls = self._factors(state, g.dim())
             pdt = qs[0].dtype
-            target = self._debiased(mom, b1, state["step"], pdt) if group["momentum_into_precond_update"] else g.to(pdt)
+            if group["momentum_into_precond_update"]:
+                target = mom.to(pdt) / (1 - b1 ** int(state["step"]))
+            else:
+                target = g.to(pdt)
             v = self._randn_like(target, n_upd, index)
             target = target + math.sqrt(_EPS32) * target.abs().mean() * v
             F.update_factors(
@@ -248,22 +256,29 @@ class Kron(PSGDBase):
                 do_balance=do_balance and p.dim() > 1,
             )
         if do_update and owners is not None:
-            self._ownership.broadcast(owners, self.param_groups, self.state, self._factors, self._layout)
+            self._ownership.broadcast(
+                owners, self.param_groups, self.state, self._factors, self._layout
+            )
 
         for group, p, g, _ in work:
             state = self.state[p]
             qs, ps, _ = self._factors(state, g.dim())
             mats = F.preconditioner_matrices(qs, ps, group["geometry"])
-            pre = F.precondition(self._debiased(state["momentum_buffer"], group["b1"], state["step"], qs[0].dtype), mats)
-            rms = torch.linalg.vector_norm(pre) / math.sqrt(pre.numel())
-            pre.mul_(torch.clamp(group["clip_update_rms"] / (rms + 1e-12), max=1.0))
-            pre = pre.view(p.shape)
+            mom = state["momentum_buffer"]
+            pre = F.precondition(mom.to(qs[0].dtype), mats)
+            # debias (1/bc) and clip the RMS in one scalar: s = min(1/bc, clip / rms(P m))
+            inv_bc = 1.0 / (1 - group["b1"] ** int(state["step"]))
+            rms = float(torch.linalg.vector_norm(pre)) / math.sqrt(pre.numel()) * inv_bc
+            scale = inv_bc * min(1.0, group["clip_update_rms"] / (rms + 1e-12))
             if group["weight_decay"] != 0 and p.dim() >= 2:
-                pre = pre.to(p.dtype).add_(p, alpha=group["weight_decay"])
-            p.add_(pre.to(p.dtype), alpha=-group["lr"])
+                p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+            p.add_(pre.view(p.shape).to(p.dtype), alpha=-group["lr"] * scale)
         return loss
 
-    @staticmethod
-    def _debiased(mom: Tensor, b1: float, step: Tensor, dtype: torch.dtype) -> Tensor:
-        out = mom.to(dtype) if mom.dtype != dtype else mom.clone()
-        return out.div_(1 - b1 ** int(step))
+
+def _all_finite(tensors: list[Tensor]) -> list[bool]:
+    """Per-tensor finiteness with one host sync (min/max propagate NaN and reveal inf)."""
+    if not tensors:
+        return []
+    ext = torch.stack([torch.stack(torch.aminmax(t.detach().reshape(-1).real)).float() for t in tensors])
+    return torch.isfinite(ext).all(dim=1).tolist()

@@ -36,7 +36,7 @@ class _LRA(FamilyBase):
             m4 = g.detach().abs().double().pow(4).mean()
             auto = float(m4.pow(-1.0 / 8)) if float(m4) > 0 else 1.0
             scale = auto if math.isfinite(auto) else 1.0
-        dt = group["preconditioner_dtype"] or torch.float32
+        dt = group["preconditioner_dtype"] or torch.promote_types(g.dtype, torch.float32)
         gen = self._generator(g.device, -7, 0)
         u = torch.randn(n, r, dtype=dt, device=g.device, generator=gen)
         v = torch.randn(n, r, dtype=dt, device=g.device, generator=gen)
