@@ -325,9 +325,12 @@ def table(step_rows, hooks, train_res, orig) -> str:
     ]
     for name, res in train_res.items():
         cells = [
-            f"{res['ratio_vs_rr'].get(k, float('nan')):.3f}" for k in train_res["logreg"]["ratio_vs_rr"]
+            f"{res['ratio_vs_rr'].get(k, float('nan')):.3f}"
+            for k in train_res["logreg"]["ratio_vs_rr"]
         ]
-        lines.append(f"| {name} ({res['epochs']} ep, {res['seeds']} seeds) | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {name} ({res['epochs']} ep, {res['seeds']} seeds) | " + " | ".join(cells) + " |"
+        )
     lines += ["", f"Original `grabsampler` release: {orig}."]
     return "\n".join(lines)
 

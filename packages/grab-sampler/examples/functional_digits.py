@@ -45,9 +45,7 @@ ft_compute_sample_grad_and_loss = vmap(
 for epoch in range(5):
     total = 0.0
     for _, (x_b, y_b) in enumerate(dataloader):
-        ft_per_sample_grads, batch_loss = ft_compute_sample_grad_and_loss(
-            params, buffers, x_b, y_b
-        )
+        ft_per_sample_grads, batch_loss = ft_compute_sample_grad_and_loss(params, buffers, x_b, y_b)
         sampler.step(ft_per_sample_grads)  # <- step compute GraB algorithm
         grads = {k: g.mean(dim=0) for k, g in ft_per_sample_grads.items()}
         updates, opt_state = optimizer.update(grads, opt_state, params=params)

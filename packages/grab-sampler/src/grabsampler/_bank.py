@@ -85,7 +85,10 @@ class AuxBank:
         if k <= self.k:
             return
         self._alloc(
-            [torch.cat([b, torch.zeros(k - self.k, b.shape[1], dtype=b.dtype)]) for b in self.blocks]
+            [
+                torch.cat([b, torch.zeros(k - self.k, b.shape[1], dtype=b.dtype)])
+                for b in self.blocks
+            ]
         )
         self.k = k
 
@@ -184,8 +187,9 @@ class AuxBank:
         for g, blk, br in zip(self.groups, self.blocks, brows):
             pairs = [(br, blk)] if br is not None else [(rows[i], self.buffers[i]) for i in g]
             for r, a in pairs:
-                if contiguous and isinstance(r, DenseRows) and r.x.dtype == a.dtype:
-                    a[lo:hi].addmm_(wx_dev, r.x)
+                into = getattr(r, "combine_into", None)
+                if contiguous and into is not None and a.is_contiguous():
+                    into(a[lo:hi], wx_dev)
                 else:
                     upd = r.combine(wx_dev).to(a.dtype)
                     for j, i in enumerate(changed):

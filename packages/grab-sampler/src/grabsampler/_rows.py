@@ -62,6 +62,10 @@ class DenseRows:
     def combine(self, weights: Tensor) -> Tensor:
         return weights.to(self.x.dtype) @ self.x
 
+    def combine_into(self, out: Tensor, weights: Tensor) -> None:
+        """``out += combine(weights)`` in place (``out`` is ``(k, numel)``)."""
+        out.addmm_(weights.to(out.dtype), self.x.to(out.dtype))
+
 
 def rows_from_grads(
     per_sample_grads: Mapping[str, Tensor] | Sequence[Tensor] | Tensor,

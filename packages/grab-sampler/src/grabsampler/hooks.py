@@ -59,19 +59,33 @@ class FactoredRows:
         return x @ x.T
 
     def cross(self, aux: Tensor) -> Tensor:
-        v = aux.to(self.a.dtype).reshape(-1, self._out, self._in)
-        ga = torch.einsum("bto,koi->btki", self.g, v)
-        return torch.einsum("btki,bti->bk", ga, self.a)
+        # <x_b, V_k> = sum_t g_bt^T V_k a_bt: one (BT, I) @ (I, kO) product
+        b, t = self.a.shape[0], self.a.shape[1]
+        k = aux.shape[0]
+        v = aux.to(self.a.dtype).reshape(k * self._out, self._in)
+        p = (self.a.reshape(b * t, self._in) @ v.T).reshape(b, t, k, self._out)
+        return (p * self.g[:, :, None, :]).sum(dim=(1, 3))
 
-    def combine(self, weights: Tensor) -> Tensor:
+    def _weighted(self, weights: Tensor) -> Tensor:
+        """``(k*O, B*T)`` matrix of output gradients scaled by the example weights."""
         w = weights.to(self.a.dtype)
         b, t = self.a.shape[0], self.a.shape[1]
-        a2 = self.a.reshape(b * t, self._in)
-        out = []
-        for row in w:
-            gw = (self.g * row[:, None, None]).reshape(b * t, self._out)
-            out.append((gw.T @ a2).reshape(-1))
-        return torch.stack(out)
+        gt = self.g.reshape(b * t, self._out).T  # (O, BT)
+        wt = w.repeat_interleave(t, dim=1) if t > 1 else w  # (k, BT)
+        return (gt[None] * wt[:, None, :]).reshape(-1, b * t)
+
+    def combine(self, weights: Tensor) -> Tensor:
+        b, t = self.a.shape[0], self.a.shape[1]
+        out = self._weighted(weights) @ self.a.reshape(b * t, self._in)
+        return out.reshape(weights.shape[0], -1)
+
+    def combine_into(self, out: Tensor, weights: Tensor) -> None:
+        """``out += combine(weights)`` without a temporary of the output's size."""
+        b, t = self.a.shape[0], self.a.shape[1]
+        view = out.view(-1, self._in)
+        view.addmm_(
+            self._weighted(weights).to(out.dtype), self.a.reshape(b * t, self._in).to(out.dtype)
+        )
 
 
 class EmbeddingRows:
