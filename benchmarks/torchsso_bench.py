@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from optcore.data import load_sklearn
 from torch import nn
 
 import torchsso
+from optcore.data import load_sklearn
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = 0.01
@@ -108,7 +108,9 @@ def kfac(model: nn.Module, *, interval: int = 1, lr: float | None = None,
 
 def methods(lr_sgd=0.1, lr_adam=1e-3) -> dict[str, Callable[[nn.Module], Step]]:
     out: dict[str, Callable[[nn.Module], Step]] = {
-        "SGD (momentum 0.9)": lambda m: torch_step(m, torch.optim.SGD(m.parameters(), lr=lr_sgd, momentum=0.9)),
+        "SGD (momentum 0.9)": lambda m: torch_step(
+            m, torch.optim.SGD(m.parameters(), lr=lr_sgd, momentum=0.9)
+        ),
         "Adam": lambda m: torch_step(m, torch.optim.Adam(m.parameters(), lr=lr_adam)),
         "torchsso K-FAC, every step": lambda m: kfac(m),
         "torchsso K-FAC, every 10 steps": lambda m: kfac(m, interval=10),
@@ -192,16 +194,16 @@ def epochs_to_target(max_epochs: int) -> dict[str, dict]:
 def robustness(max_epochs: int) -> dict[str, dict]:
     grid = [1e-3, 1e-2, 1e-1]
     runs: dict[str, Callable[[float, float], Callable[[nn.Module], Step]]] = {
-        "torchsso K-FAC": lambda lr, dmp: (lambda m: kfac(m, lr=lr, damping=dmp)),
+        "torchsso K-FAC": lambda lr, dmp: lambda m: kfac(m, lr=lr, damping=dmp),
     }
     if HAVE_ASDL:
-        runs["ASDL K-FAC"] = lambda lr, dmp: (lambda m: asdl_step(m, lr, dmp, 1))
+        runs["ASDL K-FAC"] = lambda lr, dmp: lambda m: asdl_step(m, lr, dmp, 1)
     out = {}
     for name, mk in runs.items():
         cells = {}
         for lr in grid:
             for dmp in grid:
-                _, hist, reached = train(mk(lr, dmp), max_epochs)
+                _, _, reached = train(mk(lr, dmp), max_epochs)
                 cells[f"lr={lr:g},damping={dmp:g}"] = None if reached is None else reached[0]
         out[name] = {"cells": cells, "ok": sum(v is not None for v in cells.values()), "of": 9}
     return out
@@ -246,7 +248,10 @@ def vogn(epochs: int, seeds: int) -> dict[str, dict]:
         res["VOGN"].append({"train_ce": ce, "best_train_ce": best, "test_ece": ece(p, d.y_test),
                             "test_acc": float((p.argmax(1) == d.y_test).float().mean())})  # fmt: skip
         model, hist, _ = train(
-            lambda m: torch_step(m, torch.optim.Adam(m.parameters(), lr=1e-3)), epochs, seed, stop=False
+            lambda m: torch_step(m, torch.optim.Adam(m.parameters(), lr=1e-3)),
+            epochs,
+            seed,
+            stop=False,
         )
         with torch.no_grad():
             p = torch.softmax(model(d.x_test), 1)
@@ -288,7 +293,9 @@ def table(res: dict) -> str:
     lines.append("|---|---|---|---|---|")
     for k in ("VOGN", "Adam"):
         r = v[k]
-        lines.append(f"| {k} | {r['train_ce']:.4f} | {r['best_train_ce']:.4f} | {r['test_ece']:.4f} | {r['test_acc']:.4f} |")
+        lines.append(
+            f"| {k} | {r['train_ce']:.4f} | {r['best_train_ce']:.4f} | {r['test_ece']:.4f} | {r['test_acc']:.4f} |"
+        )
     return "\n".join(lines)
 
 

@@ -11,11 +11,11 @@ import time
 
 import torch
 import torch.nn.functional as F
-from optcore.data import load_sklearn
 from torch import nn
 from tqdm.auto import tqdm
 
 import torchsso
+from optcore.data import load_sklearn
 
 __all__ = ["run"]
 

@@ -14,17 +14,22 @@ import os
 
 import torch
 import torch.nn.functional as F
-from optcore.data import load_cifar10, load_sklearn
 from torch import nn
 
 import torchsso
+from optcore.data import load_cifar10, load_sklearn
 
 
 def data(max_train: int = 5000):
     root = os.environ.get("DATA_DIR")
     if root:
         s = load_cifar10(root)
-        x, y, xt, yt = s.x_train[:max_train], s.y_train[:max_train], s.x_test[:2000], s.y_test[:2000]
+        x, y, xt, yt = (
+            s.x_train[:max_train],
+            s.y_train[:max_train],
+            s.x_test[:2000],
+            s.y_test[:2000],
+        )
         return x, y, xt, yt, 3, 32
     s = load_sklearn("digits")
 

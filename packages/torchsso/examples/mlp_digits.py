@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from optcore.data import load_sklearn
 from torch import nn
 
 import torchsso
+from optcore.data import load_sklearn
 
 
 def main(epochs: int = 5) -> float:
     d = load_sklearn("digits")
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    model = nn.Sequential(
+        nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+    )
     opt = torchsso.SecondOrderOptimizer(
         model, "Fisher", {"Linear": "Kron"},
         curv_kwargs={"damping": 1e-2, "ema_decay": 0.1},

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from optcore.data import load_sklearn
 from torch import nn
 
 import torchsso
+from optcore.data import load_sklearn
 
 
 def ece(p: torch.Tensor, y: torch.Tensor, bins: int = 15) -> float:
@@ -29,7 +29,9 @@ def ece(p: torch.Tensor, y: torch.Tensor, bins: int = 15) -> float:
 
 def mlp() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    return nn.Sequential(
+        nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+    )
 
 
 def main(epochs: int = 30) -> None:

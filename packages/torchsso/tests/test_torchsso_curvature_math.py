@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from optcore.persample import per_sample_grads
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
+from optcore.persample import per_sample_grads
 from torchsso import SecondOrderOptimizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

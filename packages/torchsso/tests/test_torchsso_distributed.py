@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from optcore.testing import spawn
 
+from optcore.testing import spawn
 from torchsso._testing import data_parallel_run, data_parallel_runs
 
 CONFIGS = [("GaussNewton", "Kron", 5, False), ("Cov", "Kron", 5, True), ("Cov", "Diag", 5, False)]

@@ -61,7 +61,7 @@ def _train(model, opt, conv, steps, start=0):
     for s in range(start, start + steps):
         x, y = _data(conv, seed=s)
 
-        def closure():
+        def closure(x=x, y=y):
             opt.zero_grad()
             out = model(x)
             loss = F.cross_entropy(out, y)
@@ -149,7 +149,7 @@ def test_acc_steps_equals_one_big_batch():
             loss.backward()
             return loss, out
 
-        def c_half():
+        def c_half(calls=calls):
             xb, yb = next(calls)
             os_[1].zero_grad()
             out = ms[1](xb)
@@ -183,7 +183,9 @@ def test_damping_schedule_and_kl_clip():
     m = _mlp()
     x, y = _data(False)
     lr, clip = 10.0, 1e-4
-    opt = SecondOrderOptimizer(m, "Cov", "Kron", {"damping": lambda s: 1.0 / (s + 1)}, lr=lr, kl_clip=clip)
+    opt = SecondOrderOptimizer(
+        m, "Cov", "Kron", {"damping": lambda s: 1.0 / (s + 1)}, lr=lr, kl_clip=clip
+    )
     assert opt.current_damping(3) == pytest.approx(0.25)
     before = [p.detach().clone() for p in m.parameters()]
 
@@ -195,7 +197,7 @@ def test_damping_schedule_and_kl_clip():
         return loss, out
 
     opt.step(closure)
-    ug, steps, us = 0.0, [], []
+    ug, us = 0.0, []
     for b in opt.blocks:
         inv = {k[4:]: v for k, v in opt.state[b.params[0]].items() if k.startswith("inv_")}
         grads = [p.grad for p in b.params]

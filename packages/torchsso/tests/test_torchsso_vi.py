@@ -36,7 +36,9 @@ def test_vogn_first_step_matches_formula():
     m = nn.Linear(5, 3)
     x, y = _data()
     N, tau, pv, lr = 100, 0.5, 2.0, 0.1
-    opt = VIOptimizer(m, N, "Cov", "Diag", {"ema_decay": 1.0}, lr=lr, kl_weighting=tau, prior_variance=pv)
+    opt = VIOptimizer(
+        m, N, "Cov", "Diag", {"ema_decay": 1.0}, lr=lr, kl_weighting=tau, prior_variance=pv
+    )
     mu = torch.cat([m.weight.detach().reshape(-1), m.bias.detach()])
     from optcore.persample import per_sample_grads
 

@@ -32,9 +32,7 @@ def data_parallel_run(
     net: nn.Module = model
     if ddp and world_size > 1:
         net = nn.parallel.DistributedDataParallel(model)
-    opt = SecondOrderOptimizer(
-        net, curv_type, shapes, {"damping": 1e-2}, lr=0.1, momentum=0.9
-    )
+    opt = SecondOrderOptimizer(net, curv_type, shapes, {"damping": 1e-2}, lr=0.1, momentum=0.9)
 
     def closure():
         opt.zero_grad()

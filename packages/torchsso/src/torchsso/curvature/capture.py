@@ -74,7 +74,7 @@ def output_vectors(
     out = output.detach()
     if out.dim() != 2:
         out = out.reshape(out.shape[0], -1)
-    B, C = out.shape
+    C = out.shape[1]
     if not torch.isfinite(out.sum()):
         raise FloatingPointError("non-finite curvature: the network output holds NaN or inf")
     vecs: list[tuple[Tensor, float]] = []

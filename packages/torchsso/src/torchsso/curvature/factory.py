@@ -112,7 +112,11 @@ def build_blocks(
         shape = _shape_for(m, curv_shapes, names)
         if curv_type == "Hessian" and shape == "Unit":
             shape = "Diag"
-        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and names[0] != "weight" and shape == "Kron":
+        if (
+            isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))
+            and names[0] != "weight"
+            and shape == "Kron"
+        ):
             shape = "Diag"
         bdim = 1 if isinstance(m, nn.MultiheadAttention) and not m.batch_first else 0
         blocks.append(SHAPES[shape](mname, m, names, params, bdim))

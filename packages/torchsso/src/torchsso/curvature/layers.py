@@ -49,15 +49,16 @@ def conv_supported(m: nn.Module) -> bool:
 
 def _unfold(m: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
     """Patches ``(B, C*kh*kw, L)`` of the input of a convolution."""
+    pad = tuple(int(v) for v in m.padding)
     if isinstance(m, nn.Conv1d):
         return F.unfold(
             x.unsqueeze(2),
             (1, m.kernel_size[0]),
             dilation=(1, m.dilation[0]),
-            padding=(0, m.padding[0]),  # type: ignore[index]
+            padding=(0, pad[0]),
             stride=(1, m.stride[0]),
         )
-    return F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)  # type: ignore[arg-type]
+    return F.unfold(x, m.kernel_size, dilation=m.dilation, padding=pad, stride=m.stride)
 
 
 def kron_input(m: nn.Module, x: Tensor) -> tuple[Tensor, int]:
@@ -105,9 +106,9 @@ def normalized_input(m: nn.Module, x: Tensor, training: bool) -> Tensor:
     assert isinstance(m, _BN)
     shape = [1, -1] + [1] * (x.dim() - 2)
     if training or m.running_mean is None or m.running_var is None:
-        dims = [0, *range(2, x.dim())]
-        mean = x.mean(dim=dims, keepdim=True)
-        var = x.var(dim=dims, unbiased=False, keepdim=True)
+        bdims = [0, *range(2, x.dim())]
+        mean = x.mean(dim=bdims, keepdim=True)
+        var = x.var(dim=bdims, unbiased=False, keepdim=True)
     else:
         mean, var = m.running_mean.view(shape), m.running_var.view(shape)
     return (x - mean) / torch.sqrt(var + m.eps)
@@ -115,20 +116,16 @@ def normalized_input(m: nn.Module, x: Tensor, training: bool) -> Tensor:
 
 def _generic(m: nn.Module, names: list[str], rec: Record, g: Tensor, bdim: int) -> list[Tensor]:
     params = {n: p.detach() for n, p in m.named_parameters() if n in names}
-    in_dims = tuple(
-        bdim if isinstance(a, Tensor) and a.dim() > bdim else None for a in rec.inputs
-    )
+    in_dims = tuple(bdim if isinstance(a, Tensor) and a.dim() > bdim else None for a in rec.inputs)
 
     def one(xs: tuple, gi: Tensor) -> dict[str, Tensor]:
-        xs_b = tuple(
-            a.unsqueeze(bdim) if d is not None else a for a, d in zip(xs, in_dims)
-        )
+        xs_b = tuple(a.unsqueeze(bdim) if d is not None else a for a, d in zip(xs, in_dims))
 
         def f(p: dict[str, Tensor]) -> Tensor:
             out = functional_call(m, p, xs_b, rec.kwargs)
             return out[0] if isinstance(out, tuple) else out
 
-        _, pull = vjp(f, params)
+        pull = vjp(f, params)[1]
         return pull(gi.unsqueeze(bdim))[0]
 
     out = vmap(one, in_dims=(in_dims, bdim))(rec.inputs, g)
@@ -177,6 +174,4 @@ def per_example_grads(
         parts = [by_name[n].flatten(1) for n in names]
     else:
         parts = [t.flatten(1) for t in _generic(m, names, rec, g, bdim)]
-        if bdim != 0:
-            parts = [t for t in parts]
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]

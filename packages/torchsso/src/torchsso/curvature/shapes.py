@@ -20,8 +20,9 @@ from __future__ import annotations
 import math
 
 import torch
-from optcore.linalg import damped_inverse, safe_eigh
 from torch import Tensor, nn
+
+from optcore.linalg import damped_inverse, safe_eigh
 
 from .capture import Record
 from .layers import kron_input, kron_output, matrix_grad, per_example_grads, split_matrix
@@ -81,7 +82,9 @@ class LayerCurvature:
     def precondition(self, inv: dict[str, Tensor], grads: list[Tensor]) -> list[Tensor]:
         raise NotImplementedError
 
-    def sample(self, inv: dict[str, Tensor], scale: float, gen: torch.Generator | None) -> list[Tensor]:
+    def sample(
+        self, inv: dict[str, Tensor], scale: float, gen: torch.Generator | None
+    ) -> list[Tensor]:
         """Noise with covariance ``scale * (damped curvature)^-1`` per parameter."""
         raise NotImplementedError
 
@@ -142,7 +145,9 @@ class Diag(LayerCurvature):
         flat = torch.cat([g.reshape(-1) for g in grads])
         return self._split(flat * inv["diag_inv"])
 
-    def sample(self, inv: dict[str, Tensor], scale: float, gen: torch.Generator | None) -> list[Tensor]:
+    def sample(
+        self, inv: dict[str, Tensor], scale: float, gen: torch.Generator | None
+    ) -> list[Tensor]:
         d = inv["diag_inv"]
         return self._split(_randn(d.shape, d, gen) * torch.sqrt(scale * d))
 
@@ -183,7 +188,9 @@ class Full(LayerCurvature):
         flat = torch.cat([g.reshape(-1) for g in grads])
         return self._split(inv["F_inv"] @ flat)
 
-    def sample(self, inv: dict[str, Tensor], scale: float, gen: torch.Generator | None) -> list[Tensor]:
+    def sample(
+        self, inv: dict[str, Tensor], scale: float, gen: torch.Generator | None
+    ) -> list[Tensor]:
         L = inv["F_chol"]  # Cholesky factor of the inverse: L L^T = F^-1
         return self._split(math.sqrt(scale) * (L @ _randn(L.shape[0], L, gen)))
 
@@ -225,7 +232,9 @@ class Unit(LayerCurvature):
         out = torch.einsum("cij,cj->ci", inv["U_inv"], v)
         return [out[:, 0].view_as(grads[0]), out[:, 1].view_as(grads[1])]
 
-    def sample(self, inv: dict[str, Tensor], scale: float, gen: torch.Generator | None) -> list[Tensor]:
+    def sample(
+        self, inv: dict[str, Tensor], scale: float, gen: torch.Generator | None
+    ) -> list[Tensor]:
         Ui = inv["U_inv"]
         L = torch.linalg.cholesky(0.5 * (Ui + Ui.transpose(1, 2)))
         e = _randn(Ui.shape[:2], Ui, gen)
@@ -299,27 +308,43 @@ class Kron(LayerCurvature):
     def init_factors(self, precision: float) -> dict[str, Tensor]:
         w = self.params[0]
         r = math.sqrt(precision)
-        kw = {"dtype": w.dtype, "device": w.device}
+        dt, dev = w.dtype, w.device
         if self.embedding:
-            return {"A": torch.full((w.shape[0],), r, **kw), "G": r * torch.eye(w.shape[1], **kw)}
+            return {
+                "A": torch.full((w.shape[0],), r, dtype=dt, device=dev),
+                "G": r * torch.eye(w.shape[1], dtype=dt, device=dev),
+            }
         k = w[0].numel() + (1 if len(self.params) > 1 else 0)
-        return {"A": r * torch.eye(k, **kw), "G": r * torch.eye(w.shape[0], **kw)}
+        return {
+            "A": r * torch.eye(k, dtype=dt, device=dev),
+            "G": r * torch.eye(w.shape[0], dtype=dt, device=dev),
+        }
 
     def inverse(self, f: dict[str, Tensor], damping: float, opts: dict) -> dict[str, Tensor]:
         A, G = f["A"], f["G"]
         if self.embedding:
-            pi = _pi(A.sum(), A.numel(), torch.trace(G), G.shape[0], opts.get("pi_type", "trace_norm"))
+            pi = _pi(
+                A.sum(), A.numel(), torch.trace(G), G.shape[0], opts.get("pi_type", "trace_norm")
+            )
             r = math.sqrt(damping)
             out = {"A_inv": 1.0 / (A + pi * r), "G_inv": fast_damped_inverse(G, r / pi)}
             if opts.get("chol"):
-                out["G_chol"] = torch.linalg.cholesky(G + (r / pi) * torch.eye(G.shape[0], dtype=G.dtype, device=G.device))
+                out["G_chol"] = torch.linalg.cholesky(
+                    G + (r / pi) * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+                )
             return out
         if opts.get("inverse_method", "cholesky") == "eigh" and not opts.get("chol"):
             la, qa = safe_eigh(A)
             lg, qg = safe_eigh(G)
             scale = 1.0 / (lg.clamp_min(0).unsqueeze(1) * la.clamp_min(0).unsqueeze(0) + damping)
             return {"QA": qa, "QG": qg, "S": scale}
-        pi = _pi(torch.trace(A), A.shape[0], torch.trace(G), G.shape[0], opts.get("pi_type", "trace_norm"))
+        pi = _pi(
+            torch.trace(A),
+            A.shape[0],
+            torch.trace(G),
+            G.shape[0],
+            opts.get("pi_type", "trace_norm"),
+        )
         r = math.sqrt(damping)
         out = {"A_inv": fast_damped_inverse(A, pi * r), "G_inv": fast_damped_inverse(G, r / pi)}
         if opts.get("chol"):
@@ -340,7 +365,9 @@ class Kron(LayerCurvature):
             U = inv["G_inv"] @ V @ inv["A_inv"]
         return split_matrix(self.module, U, grads)
 
-    def sample(self, inv: dict[str, Tensor], scale: float, gen: torch.Generator | None) -> list[Tensor]:
+    def sample(
+        self, inv: dict[str, Tensor], scale: float, gen: torch.Generator | None
+    ) -> list[Tensor]:
         s = math.sqrt(scale)
         LG = inv["G_chol"]
         if self.embedding:

@@ -18,6 +18,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
 from optcore.distributed import (
     all_reduce_mean,
     assign_by_cost,
@@ -26,8 +29,6 @@ from optcore.distributed import (
     get_world_size,
     is_distributed,
 )
-from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
 from ..curvature.capture import CURV_TYPES, LOSSES, Capture
 from ..curvature.factory import build_blocks
@@ -130,7 +131,9 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         if unknown:
             raise ValueError(f"curv_kwargs: unknown keys {sorted(unknown)}")
         if kw.get("approx_type", "mc") not in ("mc", "exact"):
-            raise ValueError(f"curv_kwargs['approx_type'] must be 'mc' or 'exact', got {kw['approx_type']!r}")
+            raise ValueError(
+                f"curv_kwargs['approx_type'] must be 'mc' or 'exact', got {kw['approx_type']!r}"
+            )
         if curv_type == "Fisher" and kw.get("approx_type") == "exact":
             curv_type = "GaussNewton"
         loss = kw.get("loss", "cross_entropy")
@@ -143,7 +146,9 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         if not 0.0 < float(ema) <= 1.0:
             raise ValueError(f"curv_kwargs['ema_decay'] must be in (0, 1], got {ema!r}")
         if kw.get("pi_type", "trace_norm") not in ("trace_norm", "none"):
-            raise ValueError(f"curv_kwargs['pi_type'] must be 'trace_norm' or 'none', got {kw['pi_type']!r}")
+            raise ValueError(
+                f"curv_kwargs['pi_type'] must be 'trace_norm' or 'none', got {kw['pi_type']!r}"
+            )
         if kw.get("inverse_method", "cholesky") not in ("cholesky", "eigh"):
             raise ValueError("curv_kwargs['inverse_method'] must be 'cholesky' or 'eigh'")
         num_mc = int(kw.get("num_mc", kw.get("mc_samples", 1)))
@@ -154,7 +159,9 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"Invalid momentum: {momentum}")
         if momentum_type not in ("preconditioned", "raw"):
-            raise ValueError(f"momentum_type must be 'preconditioned' or 'raw', got {momentum_type!r}")
+            raise ValueError(
+                f"momentum_type must be 'preconditioned' or 'raw', got {momentum_type!r}"
+            )
         if weight_decay < 0 or l2_reg < 0:
             raise ValueError("weight_decay and l2_reg must be >= 0")
         if not isinstance(acc_steps, int) or acc_steps < 1:
@@ -239,7 +246,9 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                 raise TypeError("closure returned None; it must return (loss, output)")
             loss = res[0] if isinstance(res, (tuple, list)) else res
             if not isinstance(loss, Tensor):
-                raise TypeError(f"closure must return (loss, output) with a tensor loss, got {type(loss).__name__}")
+                raise TypeError(
+                    f"closure must return (loss, output) with a tensor loss, got {type(loss).__name__}"
+                )
             if loss.numel() != 1:
                 raise ValueError(
                     f"closure returned a loss with shape {tuple(loss.shape)}: reduce it (mean) first"
@@ -252,7 +261,10 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                 if acc is None:
                     acc = [None if g is None else g.detach().clone() for g in gs]
                 else:
-                    acc = [a if g is None else (g.detach().clone() if a is None else a + g) for a, g in zip(acc, gs)]
+                    acc = [
+                        a if g is None else (g.detach().clone() if a is None else a + g)
+                        for a, g in zip(acc, gs)
+                    ]
                 if i < self.acc_steps - 1 and self.curv_type == "Hessian":
                     self._hessian_pending(accumulate=True)
         if acc is not None:
@@ -292,7 +304,9 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         if self.curv_type == "Hessian":
             self._hessian_pending()
             n = self._hess_count
-            ests: list[dict[str, Tensor] | None] = [{k: v / n for k, v in e.items()} for e in self._hess_acc]
+            ests: list[dict[str, Tensor] | None] = [
+                {k: v / n for k, v in e.items()} for e in self._hess_acc
+            ]
             self._hess_acc, self._hess_count = [], 0
             for p in self.blocks_params():
                 if p.grad is not None:
@@ -468,7 +482,9 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         updated = self._update_curvature() if upd_curv else False
         self.capture.clear()
         self._sync_grads()
-        missing = any(self._inverse(b) is None and self._factors(b) is not None for b in self.blocks)
+        missing = any(
+            self._inverse(b) is None and self._factors(b) is not None for b in self.blocks
+        )
         inv_due = updated if self.inv_interval is None else _due(self.inv_interval, k)
         if missing or inv_due:
             self._update_inverses(damping)

@@ -23,8 +23,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from optcore.distributed import get_rank
 from torch import Tensor, nn
+
+from optcore.distributed import get_rank
 
 from ..curvature.shapes import LayerCurvature
 from .second_order import SecondOrderOptimizer
@@ -196,8 +197,8 @@ class VIOptimizer(SecondOrderOptimizer):
             with torch.no_grad():
                 for p, m in zip(params, means):
                     p.copy_(m)
-        for p, g in zip(params, grads):
-            p.grad = None if g is None else g / n
+        for p, gsum in zip(params, grads):
+            p.grad = None if gsum is None else gsum / n
         assert total is not None
         return total / n
 
