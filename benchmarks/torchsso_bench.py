@@ -33,7 +33,7 @@ from optcore.data import load_sklearn
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = 0.01
-KFAC = dict(curv_type="Fisher", damping=1e-2, ema_decay=0.1, lr=0.01, kl_clip=1e-2)
+KFAC = dict(curv_type="Fisher", damping=1e-2, ema_decay=0.1, lr=0.01, kl_clip=1e-3)
 
 try:  # the peer (bench dependency group); optional
     import asdl
