@@ -171,6 +171,10 @@ def test_constructor_and_load_errors():
         GraBSampler(range(3), 5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="prob_c"):
         GraBSampler(range(3), params(), probabilistic=True, prob_c=0.0)
+    with pytest.raises(TypeError, match="unexpected"):
+        GraBSampler(range(3), params(), bogus=1)
+    compat = GraBSampler(range(3), params(), prob_balance=True, prob_balance_c=5.0, batch_size=4)
+    assert compat.decider.probabilistic and compat.decider.c == 5.0 and compat.decider.normalize
     a = GraBSampler(range(4), params(), "mean")
     with pytest.raises(ValueError, match="balance_type"):
         GraBSampler(range(4), params(), "pair").load_state_dict(a.state_dict())
@@ -194,3 +198,22 @@ def test_state_dict_holds_only_tensors_and_plain_values():
             assert isinstance(v, (torch.Tensor, int, float, bool, str)), type(v)
 
     check(s.state_dict())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["mean", "pair", "recursive_pair"])
+def test_cuda_orders_equal_cpu_orders(kind):
+    n, batch = 40, 8
+    t = table(3, n)
+    orders = []
+    for device in ["cpu", "cuda"]:
+        p = {k: v.to(device) for k, v in params().items()}
+        s = GraBSampler(range(n), p, kind, seed=1)
+        run = []
+        for e in range(3):
+            order = list(iter(s))
+            run.append(order)
+            for i in range(0, n, batch):
+                s.step(t[e, order[i : i + batch]].to(device))
+        orders.append(run)
+    assert orders[0] == orders[1]

@@ -88,6 +88,9 @@ class GraBSampler(Sampler[int]):
         seed: seed of the sampler's own ``torch.Generator``.
         dtype: dtype of the stored vectors (default: the parameters').
         device: device of the stored vectors (default: the parameters').
+        **compat: the original release's ``prob_balance``, ``prob_balance_c`` and
+            ``normalize_grads`` (mapped to the arguments above); ``timer``,
+            ``record_orders``, ``batch_size``, ``record_herding`` (accepted, no effect).
 
     Raises:
         ValueError: unknown balance type, empty data or parameters, bad ``prob_c``.
@@ -107,8 +110,16 @@ class GraBSampler(Sampler[int]):
         seed: int = 0,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
-        **_ignored: Any,
+        **compat: Any,
     ) -> None:
+        # keyword names of the original release, mapped or accepted without effect
+        probabilistic = bool(compat.pop("prob_balance", probabilistic))
+        prob_c = float(compat.pop("prob_balance_c", prob_c))
+        normalize = compat.pop("normalize_grads", normalize)
+        for name in ("timer", "record_orders", "batch_size", "record_herding"):
+            compat.pop(name, None)
+        if compat:
+            raise TypeError(f"GraBSampler got unexpected keyword arguments {sorted(compat)}")
         try:
             n = len(data_source)
         except TypeError as err:
