@@ -124,7 +124,9 @@ class CenterSet:
         return [w[a:b].to(dev) for (a, b), dev in zip(self.bounds, self.devices, strict=True)]
 
     def _rows(self) -> int:
-        return rows_for_budget(self.p, torch.tensor([], dtype=self.dtype).element_size(), self.budget)
+        return rows_for_budget(
+            self.p, torch.tensor([], dtype=self.dtype).element_size(), self.budget
+        )
 
     def matmul(self, x: Tensor, w: Tensor) -> Tensor:
         """``K(x, Z) @ w`` for (n, d) ``x`` and (p, c) ``w``; result on the main device."""

@@ -80,7 +80,7 @@ def eigenpro2_solve(
     m = min(nystrom.critical_batch_size(), p) if batch_size is None else min(batch_size, p)
     eta = nystrom.step_size(m)
     idx_s = nystrom.idx
-    z_s = centers.centers[idx_s] if k_zs is None else None
+    z_s = centers.centers[idx_s]
     tnorm = float(targets.norm())
     rel = float("inf")
     epochs = 0
@@ -93,8 +93,10 @@ def eigenpro2_solve(
             sq += float(r.pow(2).sum())
             k_bs = k_zs[b] if k_zs is not None else centers.kernel_fn(centers.centers[b], z_s)
             g_s = k_bs.T @ r
-            weights[b] -= (eta / (b.stop - b.start)) * r
-            weights.index_add_(0, idx_s, nystrom.correction(g_s), alpha=eta / (b.stop - b.start))
+            size = b.stop - b.start
+            lr = (eta if size == m else nystrom.step_size(size)) / size
+            weights[b] -= lr * r
+            weights.index_add_(0, idx_s, nystrom.correction(g_s), alpha=lr)
         epochs += 1
         rel = sq**0.5 / tnorm if tnorm > 0 else sq**0.5
         if progress is not None:

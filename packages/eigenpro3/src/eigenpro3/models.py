@@ -38,7 +38,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from optcore.distributed import get_rank, get_world_size
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -52,7 +51,8 @@ from eigenpro3.blocks import (
 from eigenpro3.datasets import batch_loader
 from eigenpro3.eigenpro2 import eigenpro2_solve
 from eigenpro3.kernels import KernelFn, get_kernel
-from eigenpro3.preconditioner import Nystrom, build_nystrom
+from eigenpro3.preconditioner import Nystrom, build_nystrom, preconditioned_top_eigenvalue
+from optcore.distributed import get_rank, get_world_size
 
 __all__ = ["KernelModel"]
 
@@ -174,11 +174,15 @@ class KernelModel:
         rows_for_budget(p, itemsize, budget)  # raises when not even one row fits
         self._budget = budget
         self._gen = torch.Generator().manual_seed(seed)
-        self.centers = CenterSet(centers, self.kernel_fn, self.devices, budget=budget, cache=use_cache)
+        self.centers = CenterSet(
+            centers, self.kernel_fn, self.devices, budget=budget, cache=use_cache
+        )
         self.nystrom = build_nystrom(
             centers, self.kernel_fn, size=nystrom_size, top_q=top_q, generator=self._gen
         )
         self._refresh_nystrom_blocks()
+        if self.X is not None:
+            self._measure_spectrum(self.X)
         self.theta = torch.zeros(p, c, dtype=self.dtype, device=self.main)
         self.u = torch.zeros_like(self.theta)
         self.d_s = torch.zeros(len(self.nystrom.idx), c, dtype=self.dtype, device=self.main)
@@ -207,6 +211,24 @@ class KernelModel:
             else None
         )
         self._k_ss = self.kernel_fn(z_s, z_s) if self.ridge > 0 else None
+
+    def _measure_spectrum(self, x: Tensor) -> None:
+        """Set ``nystrom.lam_data`` from up to 1024 training rows (max over processes)."""
+        rows = x[torch.randperm(len(x), generator=self._gen)[:1024]] if len(x) else x
+        lam = 0.0
+        if len(rows):
+            lam = preconditioned_top_eigenvalue(
+                self.kernel_fn,
+                rows.to(self.main, self.dtype),
+                self.centers.centers[self.nystrom.idx],
+                self.nystrom.F,
+                generator=self._gen,
+            )
+        if self.world_size > 1:
+            t = torch.tensor([lam], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            lam = float(t)
+        self.nystrom.lam_data = lam
 
     @property
     def weights(self) -> Tensor:
@@ -296,6 +318,8 @@ class KernelModel:
             x = self._check_x(x)
             y2 = targets_2d(y, len(x), "y", dtype=self.dtype, n_outputs=self.n_outputs)
             y2 = y2.to(self.main)
+        if self.nystrom.lam_data == 0.0:
+            self._measure_spectrum(x)
         temp = self._temp_values(x) if len(x) else None
         sq = [0.0]
         chunks: list[Tensor] = []
@@ -319,7 +343,7 @@ class KernelModel:
             flat = torch.cat([h.flatten().double().cpu(), extra])
             dist.all_reduce(flat)
             h = flat[:-2].reshape(h.shape).to(self.main, self.dtype)
-            m, sum_sq = int(round(float(flat[-2]))), float(flat[-1])
+            m, sum_sq = round(float(flat[-2])), float(flat[-1])
         if m == 0:
             return float("nan")
         eta = self.nystrom.step_size(m)
@@ -361,7 +385,9 @@ class KernelModel:
         Returns:
             The mean squared training error met during the epoch (before each step).
         """
-        loaders = list(train_loaders) if isinstance(train_loaders, (list, tuple)) else [train_loaders]
+        loaders = (
+            list(train_loaders) if isinstance(train_loaders, (list, tuple)) else [train_loaders]
+        )
         steps = self._steps(loaders)
         it = iter(chain.from_iterable(loaders))
         desc = "EigenPro3" if epoch is None else f"EigenPro3 epoch {epoch}"
@@ -469,6 +495,7 @@ class KernelModel:
             "nystrom_eigvals": self.nystrom.eigvals.clone(),
             "beta": self.nystrom.beta,
             "beta_p": self.nystrom.beta_p,
+            "lam_data": self.nystrom.lam_data,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -492,6 +519,7 @@ class KernelModel:
             eigvals=state["nystrom_eigvals"].to(dev, torch.float64),
             beta=float(state["beta"]),
             beta_p=float(state["beta_p"]),
+            lam_data=float(state.get("lam_data", 0.0)),
         )
         self.ridge = float(state.get("ridge", self.ridge))
         self._refresh_nystrom_blocks()
@@ -512,9 +540,7 @@ class KernelModel:
         return self
 
     @classmethod
-    def from_file(
-        cls, path: str | Path, kernel_fn: str | KernelFn, **kwargs: Any
-    ) -> KernelModel:
+    def from_file(cls, path: str | Path, kernel_fn: str | KernelFn, **kwargs: Any) -> KernelModel:
         """Rebuild a model from a file written by :meth:`save` and the same ``kernel_fn``."""
         state = torch.load(path, map_location="cpu", weights_only=True)
         model = cls(int(state["n_outputs"]), state["centers"], kernel_fn, **kwargs)

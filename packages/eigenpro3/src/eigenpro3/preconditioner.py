@@ -26,15 +26,23 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from optcore.linalg import safe_eigh, topk_eigh
 from torch import Tensor
 
 from eigenpro3.kernels import KernelFn
+from optcore.linalg import safe_eigh, topk_eigh
 
-__all__ = ["Nystrom", "build_nystrom", "kernel_diag_max"]
+__all__ = [
+    "Nystrom",
+    "build_nystrom",
+    "kernel_diag_max",
+    "preconditioned_top_eigenvalue",
+    "single_thread",
+]
 
 
 @dataclass
@@ -46,11 +54,12 @@ class Nystrom:
     eigvals: Tensor  # (q + 1,) top eigenvalues of K_ss / s, float64, descending
     beta: float  # max K(x, x) over the centers
     beta_p: float  # max diagonal of the preconditioned kernel on the subsample
+    lam_data: float = 0.0  # top eigenvalue of P H measured on training data (0: not yet)
 
     @property
     def lam_next(self) -> float:
-        """``lam_{q+1}``, the top eigenvalue after preconditioning."""
-        return float(self.eigvals[-1])
+        """Top eigenvalue after preconditioning: ``max(lam_{q+1}, lam_data)``."""
+        return max(float(self.eigvals[-1]), self.lam_data)
 
     @property
     def top_q(self) -> int:
@@ -67,6 +76,21 @@ class Nystrom:
     def correction(self, g_s: Tensor) -> Tensor:
         """``F F^T g_s`` for values ``g_s`` (s, c) of a gradient on the subsample."""
         return self.F @ (self.F.T @ g_s)
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run small dense factorizations on one thread (restored afterwards).
+
+    On a loaded CPU, multi-threaded LAPACK ``eigh`` of a few hundred rows can be
+    a thousand times slower than the single-threaded call.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def kernel_diag_max(kernel_fn: KernelFn, x: Tensor, *, chunk: int = 256) -> float:
@@ -129,18 +153,21 @@ def build_nystrom(
     if k_ss.shape != (s, s):
         raise ValueError(f"kernel_fn must return a ({s}, {s}) block here, got {tuple(k_ss.shape)}")
     tol = (1e-7 * s if is64 else 1e-4) if psd_tol is None else psd_tol
-    if s <= 600:
-        evals, evecs = safe_eigh(k_ss)  # ascending
-        lam_max, lam_min = float(evals[-1]), float(evals[0])
-        evals, evecs = evals.flip(0), evecs.flip(1)
-    else:
-        evals, evecs = topk_eigh(k_ss, min(q + 1, s), oversample=40, iters=6, generator=generator)
-        lam_max = float(evals[0])
-        shifted = k_ss + (tol * lam_max) * torch.eye(s, dtype=k_ss.dtype, device=k_ss.device)
-        _, info = torch.linalg.cholesky_ex(shifted)
-        lam_min = 0.0 if int(info) == 0 else -float("inf")
-        if lam_min < 0:
-            lam_min = float(torch.linalg.eigvalsh(k_ss)[0])
+    with single_thread():
+        if s <= 600:
+            evals, evecs = safe_eigh(k_ss)  # ascending
+            lam_max, lam_min = float(evals[-1]), float(evals[0])
+            evals, evecs = evals.flip(0), evecs.flip(1)
+        else:
+            evals, evecs = topk_eigh(
+                k_ss, min(q + 1, s), oversample=40, iters=6, generator=generator
+            )
+            lam_max = float(evals[0])
+            shifted = k_ss + (tol * lam_max) * torch.eye(s, dtype=k_ss.dtype, device=k_ss.device)
+            _, info = torch.linalg.cholesky_ex(shifted)
+            lam_min = 0.0 if int(info) == 0 else -float("inf")
+            if lam_min < 0:
+                lam_min = float(torch.linalg.eigvalsh(k_ss)[0])
     if lam_max <= 0 or lam_min < -tol * lam_max:
         raise ValueError(
             "kernel_fn is not positive semidefinite: K(Z_s, Z_s) has eigenvalue "
@@ -162,3 +189,44 @@ def build_nystrom(
     beta_p = beta_p * max(1.0, beta / float(diag.max()))
     beta_p = max(beta_p, lam_next)
     return Nystrom(idx=idx, F=f64.to(centers.dtype), eigvals=top, beta=beta, beta_p=beta_p)
+
+
+def preconditioned_top_eigenvalue(
+    kernel_fn: KernelFn,
+    x: Tensor,
+    z_s: Tensor,
+    F: Tensor,
+    *,
+    iters: int = 30,
+    generator: torch.Generator | None = None,
+) -> float:
+    """Top eigenvalue of ``P H_b`` for the data covariance ``H_b`` of the rows ``x``.
+
+    The Nystrom spectrum only sees the subsample; this measures the operator the
+    iteration actually applies. Functions ``K(., x) v + K(., X_s) w`` are mapped by
+    ``H_b`` to ``K(., x) a`` with ``a = (K_bb v + K_bs w) / b``, and ``P`` adds
+    ``-K(., X_s) F F^T K_sb a``. The nonzero eigenvalues of this linear map on the
+    coefficients ``(v, w)`` are those of ``P H_b``: power iteration in float64.
+    """
+    b = x.shape[0]
+    xd, zd, fd = x.double(), z_s.double(), F.double()
+    k_bb = kernel_fn(xd, xd).double()
+    k_bs = kernel_fn(xd, zd).double()
+    v = torch.randn(b, 1, generator=generator, dtype=torch.float64).to(k_bb.device)
+    return _power(k_bb, k_bs, fd, v, iters)
+
+
+def _power(k_bb: Tensor, k_bs: Tensor, fd: Tensor, v: Tensor, iters: int) -> float:
+    b = k_bb.shape[0]
+    w = torch.zeros(k_bs.shape[1], 1, dtype=torch.float64, device=k_bb.device)
+    lam = 0.0
+    for _ in range(iters):
+        norm = float(torch.cat([v, w]).norm())
+        if norm == 0:
+            break
+        v, w = v / norm, w / norm
+        a = (k_bb @ v + k_bs @ w) / b
+        w = -(fd @ (fd.T @ (k_bs.T @ a)))
+        v = a
+        lam = float(torch.cat([v, w]).norm())
+    return lam

@@ -10,8 +10,9 @@ import os
 from pathlib import Path
 
 import torch
-from optcore.data import Split, load_cifar10, load_mnist, load_sklearn, make_mnist1d
 from torch import Tensor
+
+from optcore.data import Split, load_cifar10, load_mnist, load_sklearn, make_mnist1d
 
 __all__ = ["DATASETS", "accuracy", "load_dataset", "mse"]
 
@@ -88,7 +89,9 @@ def load_dataset(
         split = make_mnist1d(seed=seed)
         n_classes = 10
     elif name == "cifar10":
-        root = _data_dir(data_dir, name, "the 'cifar-10-batches-py' folder (data_batch_1..5, test_batch)")
+        root = _data_dir(
+            data_dir, name, "the 'cifar-10-batches-py' folder (data_batch_1..5, test_batch)"
+        )
         split = load_cifar10(root)
         n_classes = 10
     elif name == "mnist":
