@@ -41,6 +41,14 @@ Interval = int | Callable[[int], bool]
 Damping = float | Callable[[int], float]
 
 
+def _finite(ts: list[Tensor]) -> bool:
+    """All entries finite (one reduction per tensor, one host read)."""
+    total = ts[0].sum()
+    for t in ts[1:]:
+        total = total + t.sum()
+    return math.isfinite(float(total))
+
+
 def _due(interval: Interval, step: int) -> bool:
     return bool(interval(step)) if callable(interval) else step % interval == 0
 
@@ -253,7 +261,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                 raise ValueError(
                     f"closure returned a loss with shape {tuple(loss.shape)}: reduce it (mean) first"
                 )
-            if not torch.isfinite(loss.detach()).all():
+            if not math.isfinite(float(loss.detach())):
                 raise FloatingPointError(f"closure returned a non-finite loss ({float(loss)})")
             total = loss.detach() if total is None else total + loss.detach()
             if self.acc_steps > 1:
@@ -395,7 +403,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             return grads
         out = b.precondition(inv, grads)
         tries = 0
-        while not math.isfinite(float(sum(float(o.sum()) for o in out))):
+        while not _finite(out):
             tries += 1
             if tries > 4:
                 raise FloatingPointError(
@@ -445,7 +453,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             if group["weight_decay"]:
                 upd = [u.add(p, alpha=group["weight_decay"]) for u, p in zip(upd, params)]
             if self.kl_clip is not None:
-                kl += group["lr"] ** 2 * float(sum((u * g).sum() for u, g in zip(upd, grads)))
+                ug = sum(torch.dot(u.reshape(-1), g.reshape(-1)) for u, g in zip(upd, grads))
+                kl += group["lr"] ** 2 * float(ug)
             updates.append((group, params, upd))
         nu = 1.0
         if self.kl_clip is not None and kl > 0:
