@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from optcore.persample import per_sample_grads
 from torch import nn
 
+from optcore.persample import per_sample_grads
 from torchsso import SecondOrderOptimizer
 
 
