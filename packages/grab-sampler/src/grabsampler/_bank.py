@@ -5,7 +5,7 @@ sums, the stale mean, a cached example. They are stored in column blocks of
 shape ``(k, n_block)``: one block per large parameter tensor and one shared
 block for all small tensors (at most ``SMALL_COLS`` entries each), so the extra
 memory is ``O(k d)`` and never ``O(B d)`` (the shared block holds at most
-``16 * SMALL_COLS`` entries, so its per-batch copy is bounded).
+``4 * SMALL_COLS`` entries, so its per-batch copy is bounded).
 
 For a batch of rows ``X`` (``B`` examples) :meth:`AuxBank.batch_gram` returns
 the inner-product matrix of ``[x_1..x_B, a_1..a_k]`` in float64 on the host
@@ -30,7 +30,7 @@ from grabsampler._rows import DenseRows, Rows
 __all__ = ["SMALL_COLS", "AuxBank"]
 
 #: parameter tensors with at most this many entries share one storage block
-SMALL_COLS = 4096
+SMALL_COLS = 16384
 
 
 class AuxBank:
@@ -62,7 +62,7 @@ class AuxBank:
         large: list[int] = []
         total = 0
         for i, n in enumerate(self.sizes):
-            if n <= SMALL_COLS and total + n <= 16 * SMALL_COLS:
+            if n <= SMALL_COLS and total + n <= 4 * SMALL_COLS:
                 small.append(i)
                 total += n
             else:
