@@ -29,7 +29,8 @@ def norm_lower_bound_herm(a: Tensor) -> Tensor:
     """Cheap lower bound of the spectral norm of a Hermitian matrix (float32 or wider).
 
     One step of power iteration started from the row of largest norm; the result
-    is at least ``max_j ||a[j]|| / sqrt(n)`` and at most ``||a||_2``.
+    is at least ``max_j ||a[j]|| / sqrt(n)`` and at most ``||a||_2``. Overflow-safe:
+    retried on ``a / max|a|`` when the quick evaluation is not finite.
 
     Args:
         a: Hermitian ``(n, n)`` matrix.
@@ -38,13 +39,16 @@ def norm_lower_bound_herm(a: Tensor) -> Tensor:
         A real 0-dim tensor.
     """
     a = _wide(a)
+    j = torch.argmax(torch.linalg.vector_norm(a, dim=1))
+    x = a @ a[j].conj()
+    nx = torch.linalg.vector_norm(x)
+    out = torch.linalg.vector_norm(a.mH @ x) / nx
+    if bool(torch.isfinite(out)):
+        return out
     max_abs = a.abs().amax()
-    safe = torch.where(max_abs > 0, max_abs, torch.ones_like(max_abs))
-    b = a / safe
-    j = torch.argmax((b * b.conj()).real.sum(dim=1))
-    x = b @ b[j].conj()
-    x = x / torch.linalg.vector_norm(x).clamp_min(torch.finfo(x.real.dtype).tiny)
-    return max_abs * torch.linalg.vector_norm(b.mH @ x)
+    if not bool(max_abs > 0):
+        return max_abs
+    return max_abs * norm_lower_bound_herm(a / max_abs)
 
 
 def apply_along(m: Tensor, x: Tensor, dim: int) -> Tensor:
@@ -67,6 +71,8 @@ def apply_along(m: Tensor, x: Tensor, dim: int) -> Tensor:
 
 def unfold_gram(a: Tensor, dim: int, diag: bool) -> Tensor:
     """``A_(dim) A_(dim)^H`` for the unfolding of ``a`` with ``dim`` as rows (only its diagonal if ``diag``)."""
+    if a.dim() == 2 and not diag:
+        return a @ a.mH if dim == 0 else a.mT @ a.conj()
     rows = torch.movedim(a, dim, 0).reshape(a.shape[dim], -1)
     if diag:
         return (rows * rows.conj()).real.sum(dim=1).to(a.dtype)

@@ -237,6 +237,7 @@ def update_factors(
     lr: float,
     beta_lip: float,
     do_balance: bool = False,
+    pg: Tensor | None = None,
 ) -> None:
     """One fitting step of the factors (in place), with caches refreshed.
 
@@ -251,6 +252,7 @@ def update_factors(
         lr: preconditioner step size (normalised, ``0 < lr``; about 0.1).
         beta_lip: forgetting factor of ``L``.
         do_balance: rescale the factors to equal norms first.
+        pg: ``P h`` when the caller already has it (matmul geometries, no balancing).
     """
     if geometry == "EQ" and v is None:
         raise ValueError("geometry 'EQ' needs a probe vector v")
@@ -277,14 +279,17 @@ def update_factors(
             if diag:
                 work[i] = q - step * (t1 - t2) * q
             else:
-                work[i] = q - step * torch.triu(t1 - t2) @ q
+                work[i] = torch.addmm(q, torch.triu(t1 - t2), q, alpha=-float(step))
     else:
-        mats = (
-            list(work)
-            if geometry == "QUAD"
-            else [(q * q.conj()) if q.dim() < 2 else q.mH @ q for q in work]
-        )
-        pg = precondition(h, mats)
+        if pg is None or do_balance or geometry == "QEP":
+            mats = (
+                list(work)
+                if geometry == "QUAD"
+                else [(q * q.conj()) if q.dim() < 2 else q.mH @ q for q in work]
+            )
+            pg = precondition(h, mats)
+        else:
+            pg = pg.to(wide)
         for i, q in enumerate(work):
             diag = q.dim() < 2
             n_i = q.shape[0]
@@ -295,13 +300,18 @@ def update_factors(
                 else:
                     t2 = unfold_gram(apply_along(q, v, i), i, diag)
                 step = lr / _moving_max(_bound(t1 + t2), lips[i], beta_lip).clamp_min(1e-30)
-                work[i] = q * (1 - step * (t1 - t2)) if diag else q - step * (t1 - t2) @ q
+                if diag:
+                    work[i] = q * (1 - step * (t1 - t2))
+                else:
+                    work[i] = torch.addmm(q, t1 - t2, q, alpha=-float(step))
                 continue
             t1 = unfold_gram(pg, i, diag)
             if v is None:
                 c = numel / n_i
                 ell = _bound(t1) + c
-                f = t1 - c if diag else t1 - c * torch.eye(n_i, dtype=t1.dtype, device=t1.device)
+                f = t1 - c if diag else t1
+                if not diag:
+                    f.diagonal().sub_(c)  # t1 is a fresh matrix: F = t1 - c I in place
             else:
                 t2 = unfold_gram(v, i, diag)
                 ell = _bound(t1 + t2)
@@ -311,21 +321,30 @@ def update_factors(
                 gain = 1 - step * f if geometry != "QUAD" else (1 - 0.5 * step * f) ** 2
                 work[i] = q * gain
             elif geometry == "QEQ":
-                work[i] = q - step * (q @ f)
+                work[i] = torch.addmm(q, q, f, alpha=-float(step))
             elif geometry == "Q0.5EQ1.5":
-                nq = q - step * (f @ q)
+                nq = torch.addmm(q, f, q, alpha=-float(step))
                 procrustes_step(nq)
                 work[i] = nq
-            else:  # QUAD
-                half = 0.5 * step
-                p1 = q - half * (f @ q)
-                p1 = p1 - half * (p1 @ f)
-                work[i] = 0.5 * (p1 + p1.mH)
+            else:  # QUAD: P <- (I - s/2 F) P (I - s/2 F), symmetrised
+                half = 0.5 * float(step)
+                p1 = torch.addmm(q, f, q, alpha=-half)
+                p1 = torch.addmm(p1, p1, f, alpha=-half)
+                work[i] = p1.add_(p1.mH.clone()).mul_(0.5)
     for i, (q, new) in enumerate(zip(qs, work)):
         if geometry == "EQ" and q.dim() == 2:
-            q.copy_((new.mH @ new).to(q.dtype))
+            _gram_into(q, new)
         else:
-            q.copy_(new.to(q.dtype))
+            if new is not q:
+                q.copy_(new)
             cache = ps[i]
             if cache is not None:
-                cache.copy_((new.mH @ new).to(cache.dtype))
+                _gram_into(cache, new)
+
+
+def _gram_into(out: Tensor, q: Tensor) -> None:
+    """``out <- Q^H Q`` without an intermediate when dtypes agree."""
+    if out.dtype == q.dtype:
+        torch.mm(q.mH, q, out=out)
+    else:
+        out.copy_(q.mH @ q)

@@ -61,8 +61,11 @@ class Kron(PSGDBase):
         mu_dtype: dtype of the momentum buffer (default: the parameter's).
         precond_dtype: dtype of ``Q`` and the cache (default float32; bfloat16 keeps
             float32 norms and solves).
-        geometry: how ``Q`` is updated: ``"EQ"`` (kron-torch's), ``"QEP"``, ``"QEQ"``,
-            ``"Q0.5EQ1.5"`` or ``"QUAD"``.
+        geometry: how the factors are fitted. Default ``"QUAD"``: ``P_i`` itself is the
+            state (no cache needed, same bytes as kron-torch's ``Q_i``) and the fit reuses
+            the ``P m`` of the update (matmul only, no triangular solves). ``"EQ"`` is
+            kron-torch's triangular ``dQ = E Q`` rule (``P_i`` stored, ``Q_i`` recovered
+            by Cholesky on update steps); also ``"QEP"``, ``"QEQ"``, ``"Q0.5EQ1.5"``.
         precond_beta: forgetting factor of the moving-max norm bound (0: the
             instantaneous bound, as kron-torch).
         clip_update_rms: RMS of the preconditioned update is clipped to this (1.1).
@@ -88,7 +91,7 @@ class Kron(PSGDBase):
         mu_dtype: torch.dtype | None = None,
         precond_dtype: torch.dtype | None = None,
         *,
-        geometry: str = "EQ",
+        geometry: str = "QUAD",
         precond_beta: float = 0.0,
         clip_update_rms: float = 1.1,
         distributed: bool | None = None,
@@ -236,6 +239,8 @@ class Kron(PSGDBase):
             mom.lerp_(g.to(mom.dtype), 1 - b1)
             if not do_update or (owners is not None and not self._ownership.mine(owners[index])):
                 continue
+            if self._fused(group, owners):
+                continue  # fitted after the update is applied, from the same P m
             qs, ps, ls = self._factors(state, g.dim())
             pdt = qs[0].dtype
             if group["momentum_into_precond_update"]:
@@ -273,7 +278,30 @@ class Kron(PSGDBase):
             if group["weight_decay"] != 0 and p.dim() >= 2:
                 p.add_(p, alpha=-group["lr"] * group["weight_decay"])
             p.add_(pre.view(p.shape).to(p.dtype), alpha=-group["lr"] * scale)
+            if do_update and self._fused(group, owners):
+                # matmul-only geometry fitted to the momentum: reuse P m (P from before this fit)
+                qs, ps, ls = self._factors(state, g.dim())
+                F.update_factors(
+                    qs,
+                    ps,
+                    ls,
+                    mom.to(qs[0].dtype) * inv_bc,
+                    None,
+                    geometry=group["geometry"],
+                    lr=group["precond_lr"],
+                    beta_lip=group["precond_beta"],
+                    do_balance=do_balance and p.dim() > 1,
+                    pg=pre * inv_bc,
+                )
         return loss
+
+    @staticmethod
+    def _fused(group: dict[str, Any], owners: list[int] | None) -> bool:
+        return (
+            owners is None
+            and group["geometry"] in ("QEQ", "Q0.5EQ1.5", "QUAD")
+            and group["momentum_into_precond_update"]
+        )
 
 
 def _all_finite(tensors: list[Tensor]) -> list[bool]:
