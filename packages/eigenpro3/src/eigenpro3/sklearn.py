@@ -31,7 +31,7 @@ class _KernelBase(BaseEstimator):
     def __init__(
         self,
         kernel: str = "laplacian",
-        bandwidth: float = 1.0,
+        bandwidth: float | None = None,
         n_centers: int = 1000,
         epochs: int = 10,
         ridge: float = 0.0,
@@ -61,6 +61,12 @@ class _KernelBase(BaseEstimator):
         gen = torch.Generator().manual_seed(int(self.random_state))
         p = min(self.n_centers, n)
         centers = Xt[torch.randperm(n, generator=gen)[:p]]
+        bandwidth = self.bandwidth
+        if bandwidth is None:  # median distance between centers
+            dist = torch.cdist(centers[:500], centers[:500])
+            off = dist[~torch.eye(len(dist), dtype=torch.bool)]
+            bandwidth = float(off.median()) if off.numel() and float(off.median()) > 0 else 1.0
+        self.bandwidth_ = bandwidth
         self.model_ = KernelModel(
             Yt.shape[1],
             centers,
@@ -72,7 +78,7 @@ class _KernelBase(BaseEstimator):
             seed=int(self.random_state),
             verbose=self.verbose,
             projection="every",
-            bandwidth=self.bandwidth,
+            bandwidth=bandwidth,
         )
         self.history_ = self.model_.fit(epochs=self.epochs)
         self.n_features_in_ = X.shape[1]
@@ -90,7 +96,7 @@ class KernelRegressor(RegressorMixin, _KernelBase):
 
     Args:
         kernel: kernel name (``"laplacian"``, ``"gaussian"``, ``"dispersal"``, ``"ntk_relu"``).
-        bandwidth: kernel bandwidth.
+        bandwidth: kernel bandwidth (default: the median distance between centers).
         n_centers: number of model centers drawn from the training inputs.
         epochs: EigenPro3 epochs.
         ridge: ridge term.
@@ -98,6 +104,11 @@ class KernelRegressor(RegressorMixin, _KernelBase):
         random_state: seed.
         verbose: progress bars.
     """
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        return tags
 
     def fit(self, X: Any, y: Any) -> KernelRegressor:
         X, y = validate_data(self, X, y, multi_output=True, y_numeric=True, dtype=np.float64)
