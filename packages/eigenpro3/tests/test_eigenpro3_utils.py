@@ -57,7 +57,7 @@ def test_cifar10_from_data_dir(tmp_path, monkeypatch) -> None:
         with open(folder / name, "wb") as fh:
             pickle.dump(batch, fh)
     monkeypatch.setenv("DATA_DIR", str(tmp_path))
-    n_classes, (X, y), (Xt, yt) = load_dataset("cifar10")
+    n_classes, (X, _), (Xt, yt) = load_dataset("cifar10")
     assert n_classes == 10 and X.shape == (20, 3072) and Xt.shape == (4, 3072)
     assert torch.equal(yt.argmax(1), torch.arange(4))
     assert float(X.max()) <= 1.0

@@ -496,6 +496,7 @@ class KernelModel:
             "beta": self.nystrom.beta,
             "beta_p": self.nystrom.beta_p,
             "lam_data": self.nystrom.lam_data,
+            "inner_epochs": self._inner_epochs,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -522,6 +523,7 @@ class KernelModel:
             lam_data=float(state.get("lam_data", 0.0)),
         )
         self.ridge = float(state.get("ridge", self.ridge))
+        self._inner_epochs = float(state.get("inner_epochs", self._inner_epochs))
         self._refresh_nystrom_blocks()
         self.theta = state["theta"].to(dev, dt).clone()
         self.u = state["u"].to(dev, dt).clone()
