@@ -147,3 +147,24 @@ def test_no_shuffle_first_epoch_and_aliases():
     assert list(iter(s)) == list(range(6))
     assert s.balance_type == "recursive_pair"
     assert len(s) == 6
+
+
+@pytest.mark.parametrize("kind", ["mean", "pair", "recursive"])
+def test_irregular_batch_sizes_match_reference(kind):
+    # batch sizes 3, 2, 4, 1, 2, 5, ... exercise pair balance's waiting example
+    # together with even and odd batches
+    n, epochs = 25, 4
+    sizes = [3, 2, 4, 1, 2, 5, 2, 3, 3]
+    assert sum(sizes) == n
+    table = grad_table(epochs, n, seed=21)
+    sampler = GraBSampler(range(n), make_params(), kind, depth=3)
+    got = []
+    for e in range(epochs):
+        order = list(iter(sampler))
+        got.append(order)
+        start = 0
+        for b in sizes:
+            sampler.step(as_dict(table[e, order[start : start + b]]))
+            start += b
+    want = reference_orders(kind, got[0], table, 0, epochs, ref.Sign(), depth=3)
+    assert got == want

@@ -185,6 +185,8 @@ class AuxBank:
         lo, hi = changed[0], changed[-1] + 1
         contiguous = list(changed) == list(range(lo, hi))
         for g, blk, br in zip(self.groups, self.blocks, brows):
+            # terms read the stored vectors as they were before this update
+            old = {i: blk[i].clone() for _, i, _ in terms if i in changed}
             pairs = [(br, blk)] if br is not None else [(rows[i], self.buffers[i]) for i in g]
             for r, a in pairs:
                 into = getattr(r, "combine_into", None)
@@ -195,7 +197,7 @@ class AuxBank:
                     for j, i in enumerate(changed):
                         a[i].add_(upd[j])
             for j, i, c in terms:
-                blk[changed[j]].add_(blk[i], alpha=c)
+                blk[changed[j]].add_(old.get(i, blk[i]), alpha=c)
 
     @torch.no_grad()
     def transform(self, mat: Tensor) -> None:
