@@ -330,7 +330,7 @@ def table(step_rows, hooks, train_res, orig) -> str:
     ]
     for name, res in train_res.items():
         cells = [
-            f"{res['ratio_vs_rr'].get(k, float('nan')):.3f}"
+            f"{res['ratio_vs_rr'][k]:.3f}" if k in res["ratio_vs_rr"] else "–"
             for k in train_res["logreg"]["ratio_vs_rr"]
         ]
         lines.append(
