@@ -67,7 +67,7 @@ def load_dataset(
     """Load a classification data set with one-hot targets.
 
     Args:
-        name: ``"digits"`` (scikit-learn's bundled 8x8 digits, standardized),
+        name: ``"digits"`` (scikit-learn's bundled 8x8 digits, pixels in [0, 1]),
             ``"mnist1d"`` (MNIST-1D-style procedural signals), ``"cifar10"``
             (``cifar-10-batches-py`` pickles) or ``"mnist"`` (the four IDX files),
             the last two read from ``data_dir`` or ``$DATA_DIR``.
@@ -83,7 +83,8 @@ def load_dataset(
             expected files when they are absent.
     """
     if name == "digits":
-        split = load_sklearn("digits", seed=seed)
+        raw = load_sklearn("digits", seed=seed, standardize=False)
+        split = Split(raw.x_train / 16.0, raw.y_train, raw.x_test / 16.0, raw.y_test)
         n_classes = 10
     elif name == "mnist1d":
         split = make_mnist1d(seed=seed)
