@@ -1,0 +1,293 @@
+"""``psgd.Kron``: kron-torch compatibility, layouts, determinism, state round-trip, cache."""
+
+from __future__ import annotations
+
+import inspect
+import io
+import math
+
+import pytest
+import torch
+
+import psgd
+from psgd import factors as F
+from psgd.schedule import should_update
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+
+
+def _train(opt: torch.optim.Optimizer, model: torch.nn.Module, steps: int, seed: int = 1) -> list[float]:
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(16, 6, generator=gen)
+        y = torch.sin(x[:, :2])
+        opt.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def test_signature_matches_kron_torch_defaults() -> None:
+    sig = inspect.signature(psgd.Kron)
+    expected = {
+        "lr": 0.0003,
+        "b1": 0.9,
+        "weight_decay": 0.0,
+        "preconditioner_update_probability": None,
+        "max_size_triangular": 8192,
+        "min_ndim_triangular": 2,
+        "max_skew_triangular": math.inf,
+        "memory_save_mode": None,
+        "momentum_into_precond_update": True,
+        "precond_lr": 0.1,
+        "precond_init_scale": None,
+        "mu_dtype": None,
+        "precond_dtype": None,
+    }
+    for name, value in expected.items():
+        assert sig.parameters[name].default == value, name
+    kron_torch = pytest.importorskip("kron_torch")
+    theirs = inspect.signature(kron_torch.Kron)
+    for name in ("lr", "b1", "weight_decay", "max_size_triangular", "min_ndim_triangular", "precond_lr"):
+        assert sig.parameters[name].default == theirs.parameters[name].default, name
+
+
+def test_update_schedule_matches_kron_torch_counter() -> None:
+    """Same float32 arithmetic as kron-torch: 1.0 for 500 steps, then down to 0.03."""
+    sched = psgd.precond_update_prob_schedule()
+    counter, updates = 0, []
+    for n in range(6000):
+        prob = sched(n)
+        ref_counter = counter + 1
+        ref = bool(torch.tensor(ref_counter, dtype=torch.int32) >= 1 / prob)
+        do, counter = should_update(None, n, counter)
+        assert do == ref
+        updates.append(do)
+    assert all(updates[:500])
+    assert float(sched(0)) == 1.0 and abs(float(sched(10**6)) - 0.03) < 1e-7
+    late = sum(updates[5000:6000])
+    assert 30 <= late <= 35  # about 1 in 33
+
+
+def test_deterministic_from_manual_seed() -> None:
+    runs = []
+    for _ in range(2):
+        model = _model()
+        torch.manual_seed(123)
+        opt = psgd.Kron(model.parameters(), lr=0.01)
+        _train(opt, model, 5)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("geometry", list(psgd.GEOMETRIES))
+def test_loss_decreases_for_every_geometry(geometry: str) -> None:
+    model = _model()
+    opt = psgd.Kron(model.parameters(), lr=0.01, geometry=geometry)
+    losses = _train(opt, model, 60)
+    assert sum(losses[-10:]) < 0.5 * sum(losses[:10])
+
+
+def test_zero_and_one_dim_parameters() -> None:
+    scalar = torch.nn.Parameter(torch.tensor(3.0))
+    vec = torch.nn.Parameter(torch.full((4,), 2.0))
+    opt = psgd.Kron([scalar, vec], lr=0.05, preconditioner_update_probability=1.0)
+    for _ in range(200):
+        opt.zero_grad()
+        loss = scalar**2 + (vec**2).sum()
+        loss.backward()
+        opt.step()
+    assert abs(float(scalar)) < 0.3 and float(vec.abs().max()) < 0.3
+    assert opt.state[scalar]["Q0"].shape == (1,)  # a scalar is a diagonal factor of size 1
+    assert opt.state[vec]["Q0"].shape == (4,)  # 1-dim: diagonal (min_ndim_triangular=2)
+
+
+@pytest.mark.parametrize(
+    ("shape", "kwargs", "dense"),
+    [
+        ((8, 6), {}, (True, True)),
+        ((8, 6), {"memory_save_mode": "one_diag"}, (False, True)),
+        ((8, 6), {"memory_save_mode": "smart_one_diag"}, (False, True)),
+        ((6, 6), {"memory_save_mode": "smart_one_diag"}, (True, True)),
+        ((8, 6), {"memory_save_mode": "all_diag"}, (False, False)),
+        ((8, 6), {"max_size_triangular": 7}, (False, True)),
+        ((40, 2), {"max_skew_triangular": 10}, (False, True)),
+        ((1, 6), {}, (False, True)),
+        ((6,), {"min_ndim_triangular": 1}, (True,)),
+    ],
+)
+def test_dense_or_diagonal_choice(shape, kwargs, dense) -> None:
+    p = torch.nn.Parameter(torch.randn(shape))
+    opt = psgd.Kron([p], **kwargs)
+    p.grad = torch.randn(shape)
+    opt.step()
+    got = tuple(opt.state[p][f"Q{i}"].dim() == 2 for i in range(len(shape)))
+    assert got == dense
+
+
+def test_dimension_merging() -> None:
+    assert F.merged_shape((4, 3, 5), True) == (12, 5)
+    assert F.merged_shape((5, 3, 4), True) == (15, 4)  # kron-torch: first if diff <= diff
+    assert F.merged_shape((2, 3, 40), True) == (6, 40)
+    assert F.merged_shape((4, 3, 5), False) == (4, 3, 5)
+    assert F.merged_shape((), True) == (1,)
+    p = torch.nn.Parameter(torch.randn(4, 3, 5))
+    opt = psgd.Kron([p], lr=0.01)
+    p.grad = torch.randn(4, 3, 5)
+    opt.step()
+    assert opt.state[p]["Q0"].shape == (12, 12) and opt.state[p]["Q1"].shape == (5, 5)
+    q = torch.nn.Parameter(torch.randn(4, 3, 5))
+    opt2 = psgd.Kron([q], lr=0.01, merge_dims=False)
+    q.grad = torch.randn(4, 3, 5)
+    opt2.step()
+    assert [opt2.state[q][f"Q{i}"].shape[0] for i in range(3)] == [4, 3, 5]
+
+
+def test_state_dict_round_trip_is_bit_identical() -> None:
+    model = _model()
+    opt = psgd.Kron(model.parameters(), lr=0.01, preconditioner_update_probability=0.5)
+    _train(opt, model, 7)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    cont = _train(opt, model, 9, seed=5)
+    final = [p.detach().clone() for p in model.parameters()]
+
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    model2 = _model(seed=99)
+    model2.load_state_dict(saved["model"])
+    opt2 = psgd.Kron(model2.parameters(), lr=0.01, preconditioner_update_probability=0.5)
+    opt2.load_state_dict(saved["opt"])
+    cont2 = _train(opt2, model2, 9, seed=5)
+    assert cont == cont2
+    for a, b in zip(final, model2.parameters()):
+        assert torch.equal(a, b.detach())
+
+
+def test_default_schedule_state_round_trip() -> None:
+    model = _model()
+    opt = psgd.Kron(model.parameters(), lr=0.01)
+    _train(opt, model, 3)
+    sd = opt.state_dict()
+    assert int(sd["psgd"]["prob_step"]) == 3
+    for st in sd["state"].values():
+        assert all(isinstance(v, torch.Tensor) for v in st.values())
+
+
+def test_cached_preconditioner_equals_q_transpose_q() -> None:
+    """The cached P_i equals Q_i^H Q_i; for EQ, Cholesky of P recovers the triangular Q."""
+    for geometry in ("QEP", "QEQ", "Q0.5EQ1.5"):
+        p = torch.nn.Parameter(torch.randn(5, 4))
+        opt = psgd.Kron([p], lr=0.01, geometry=geometry, preconditioner_update_probability=1.0)
+        for _ in range(5):
+            p.grad = torch.randn(5, 4)
+            opt.step()
+        for i in range(2):
+            q, cache = opt.state[p][f"Q{i}"], opt.state[p][f"P{i}"]
+            assert torch.allclose(cache, q.mH @ q, atol=1e-6)
+    p = torch.nn.Parameter(torch.randn(5, 4))
+    opt = psgd.Kron([p], lr=0.01, geometry="EQ", preconditioner_update_probability=1.0)
+    for _ in range(5):
+        p.grad = torch.randn(5, 4)
+        opt.step()
+    stored = opt.state[p]["Q0"]
+    assert torch.allclose(stored, stored.mT)  # P is symmetric
+    assert bool(torch.all(torch.linalg.eigvalsh(stored) > 0))
+
+
+def test_non_update_step_applies_p_with_two_products() -> None:
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5, 4, dtype=torch.float64))
+    opt = psgd.Kron([p], lr=1.0, b1=0.0, preconditioner_update_probability=1.0)
+    for _ in range(3):
+        p.grad = torch.randn(5, 4, dtype=torch.float64)
+        opt.step()
+    opt.param_groups[0]["preconditioner_update_probability"] = 0.0
+    p0, p1 = opt.state[p]["Q0"], opt.state[p]["Q1"]
+    g = torch.randn(5, 4, dtype=torch.float64) * 1e-4  # small: the RMS clip (1.1) is inactive
+    before = p.detach().clone()
+    p.grad = g
+    opt.step()
+    expected = p0 @ g @ p1.mT
+    assert torch.allclose(before - p.detach(), expected, rtol=1e-8, atol=1e-14)
+
+
+def test_state_bytes_not_more_than_kron_torch() -> None:
+    kron_torch = pytest.importorskip("kron_torch")
+    model_a, model_b = _model(), _model()
+    ours = psgd.Kron(model_a.parameters(), lr=0.01)
+    theirs = kron_torch.Kron(model_b.parameters(), lr=0.01)
+    _train(ours, model_a, 1)
+    _train(theirs, model_b, 1)
+
+    def nbytes(opt, skip=()):
+        return sum(
+            v.numel() * v.element_size()
+            for st in opt.state.values()
+            for k, v in st.items()
+            if isinstance(v, torch.Tensor) and k not in skip
+        ) + sum(
+            t.numel() * t.element_size()
+            for st in opt.state.values()
+            for v in st.values()
+            if isinstance(v, list)
+            for t in v
+            if isinstance(t, torch.Tensor)
+        )
+
+    # per-tensor step counters (4 bytes each) aside, the buffers are the same size
+    assert nbytes(ours, skip=("step",)) <= nbytes(theirs)
+
+
+def test_complex_parameters() -> None:
+    torch.manual_seed(0)
+    target = torch.randn(4, 3, dtype=torch.complex64)
+    p = torch.nn.Parameter(torch.zeros(4, 3, dtype=torch.complex64))
+    opt = psgd.Kron([p], lr=0.05, preconditioner_update_probability=1.0)
+    for _ in range(150):
+        opt.zero_grad()
+        loss = (p - target).abs().pow(2).sum()
+        loss.backward()
+        opt.step()
+    assert float((p - target).abs().max()) < 0.3
+
+
+def test_bfloat16_preconditioner() -> None:
+    model = _model()
+    opt = psgd.Kron(model.parameters(), lr=0.01, precond_dtype=torch.bfloat16)
+    losses = _train(opt, model, 60)
+    assert opt.state[model[0].weight]["Q0"].dtype == torch.bfloat16
+    assert sum(losses[-10:]) < 0.5 * sum(losses[:10])
+
+
+def test_lr_scheduler_and_closure() -> None:
+    model = _model()
+    opt = psgd.Kron(model.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    x = torch.randn(8, 6)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor)
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.005)
