@@ -3,8 +3,10 @@
 Each example's gradient is centered by the *stale mean* (the average gradient
 of the previous epoch, zero in the first) and balanced greedily against a
 running sum; positives fill the next order from the front, negatives from
-the back. Stored vectors: the stale mean ``m``, the running sum ``s`` and
-the sum ``t`` of this epoch's gradients (the next stale mean).
+the back. Stored vectors: the stale mean ``m``, the signed sum
+``u = sum_j w_j x_j`` of this epoch's gradients (the running sum is
+``s = u - sigma m`` with the scalar ``sigma = sum_j w_j`` kept on the host, so
+updating it is a single product) and the plain sum ``t`` (the next stale mean).
 
 Reference:
     Y. Lu, W. Guo, C. De Sa. GraB: Finding Provably Better Data Permutations
@@ -23,7 +25,7 @@ from grabsampler.balance.base import Balancer, TwoEnded, Update
 
 __all__ = ["MeanBalance"]
 
-M, S, T = 0, 1, 2  # stale mean, running sum (in inner products); next-mean sum (update only)
+M, U, T = 0, 1, 2  # stale mean, signed sum u (in inner products); next-mean sum (update only)
 
 
 class MeanBalance(Balancer):
@@ -36,6 +38,7 @@ class MeanBalance(Balancer):
         super().__init__(n, decider)
         self.place = TwoEnded(n)
         self.count = 0
+        self.sigma = 0.0
 
     passive = 1
 
@@ -45,6 +48,7 @@ class MeanBalance(Balancer):
     def start_epoch(self, order: list[int]) -> None:
         self.place = TwoEnded(len(order))
         self.count = 0
+        self.sigma = 0.0
 
     def step(self, gram: Tensor, indices: list[int]) -> Update:
         b = len(indices)
@@ -52,8 +56,10 @@ class MeanBalance(Balancer):
         mrow = g[b + M]
         mm = mrow[b + M]
         rm = mrow[:b]  # <x_i, m>
-        # <s, x_i - m> and the centered Gram <x_i - m, x_j - m>, in plain floats
-        al = [g[i][b + S] - g[b + S][b + M] for i in range(b)]
+        # <s, x_i - m> with s = u - sigma m, and the centered Gram, in plain floats
+        sig = self.sigma
+        um = g[b + U][b + M]
+        al = [g[i][b + U] - sig * rm[i] - um + sig * mm for i in range(b)]
         sc = [1.0] * b
         if self.decider.normalize:
             sq = [g[i][i] - 2 * rm[i] + mm for i in range(b)]
@@ -76,7 +82,8 @@ class MeanBalance(Balancer):
         w = [e * c for e, c in zip(eps, sc)]
         wx = torch.tensor([w, [1.0] * b], dtype=torch.float64)
         self.count += b
-        return [S, T], wx, [(0, M, -sum(w))]  # s += sum_i w_i (x_i - m)
+        self.sigma += sum(w)  # s += sum_i w_i (x_i - m): u += sum_i w_i x_i, sigma += sum_i w_i
+        return [U, T], wx, []
 
     def end_epoch(self, unvisited: list[int]) -> tuple[list[int], Tensor]:
         order = self.place.finish(unvisited)
@@ -89,8 +96,9 @@ class MeanBalance(Balancer):
         return order, mat
 
     def state_dict(self) -> dict[str, Any]:
-        return {"place": self.place.state(), "count": self.count}
+        return {"place": self.place.state(), "count": self.count, "sigma": self.sigma}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.place.load(state["place"])
         self.count = int(state["count"])
+        self.sigma = float(state["sigma"])

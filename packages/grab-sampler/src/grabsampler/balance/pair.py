@@ -16,12 +16,13 @@ Reference:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from grabsampler.balance.base import Balancer, TwoEnded, Update, split_delta
+from grabsampler.balance.base import Balancer, TwoEnded, Update
 
 __all__ = ["PairBalance", "pair_up"]
 
@@ -53,32 +54,54 @@ class PairBalance(Balancer):
 
     def step(self, gram: Tensor, indices: list[int]) -> Update:
         b = len(indices)
-        k = gram.shape[0] - b
+        g = gram.tolist()
         has_cache = self.cache_index >= 0
         rows = ([b + CACHE] if has_cache else []) + list(range(b))
         ids = ([self.cache_index] if has_cache else []) + list(indices)
         pairs, left = pair_up(list(range(len(rows))))
-        coef = torch.zeros(len(pairs), b + k, dtype=torch.float64)
-        for p, (u, v) in enumerate(pairs):
-            coef[p, rows[u]] += 1.0
-            coef[p, rows[v]] -= 1.0
-        s = torch.zeros(b + k, dtype=torch.float64)
-        s[b + S] = 1.0
-        eps, coef = self.decider.walk(coef, gram, s)
+        ru = [rows[u] for u, _ in pairs]
+        rv = [rows[v] for _, v in pairs]
+        sr = b + S
+        al = [g[u][sr] - g[v][sr] for u, v in zip(ru, rv)]
+
+        def inner(k: int, l: int) -> float:  # <x_u_k - x_v_k, x_u_l - x_v_l>
+            gu, gv = g[ru[k]], g[rv[k]]
+            return gu[ru[l]] - gu[rv[l]] - gv[ru[l]] + gv[rv[l]]
+
+        npairs = len(pairs)
+        sc = [1.0] * npairs
+        if self.decider.normalize:
+            sq = [inner(k, k) for k in range(npairs)]
+            sc = [1.0 / math.sqrt(q) if q > 0 else 0.0 for q in sq]
+            al = [a * c for a, c in zip(al, sc)]
+        us = self.decider.uniforms(npairs)
+        eps: list[int] = []
+        for k in range(npairs):
+            e = self.decider.sign(al[k], us[k] if us else None)
+            eps.append(e)
+            ck = e * sc[k]
+            for l in range(k + 1, npairs):
+                al[l] += ck * sc[l] * inner(k, l)
         for (u, v), e in zip(pairs, eps):
             self.place.put(ids[u], e)
             self.place.put(ids[v], -e)
-        delta = torch.zeros(k, b + k, dtype=torch.float64)
-        if eps:
-            delta[S] = torch.tensor(eps, dtype=torch.float64) @ coef
+        wx = [[0.0] * b, [0.0] * b]
+        terms: list[tuple[int, int, float]] = []
+        for k, e in enumerate(eps):
+            w = e * sc[k]
+            if ru[k] < b:
+                wx[0][ru[k]] += w
+            else:
+                terms.append((0, CACHE, w))
+            wx[0][rv[k]] -= w
         if has_cache:
-            delta[CACHE, b + CACHE] = -1.0
+            terms.append((1, CACHE, -1.0))
         if left is not None:
-            delta[CACHE, rows[left]] += 1.0
+            wx[1][rows[left]] = 1.0
             self.cache_index = ids[left]
         else:
             self.cache_index = -1
-        return split_delta(delta, b)
+        return [S, CACHE], torch.tensor(wx, dtype=torch.float64), terms
 
     def end_epoch(self, unvisited: list[int]) -> tuple[list[int], Tensor]:
         middle = ([self.cache_index] if self.cache_index >= 0 else []) + unvisited

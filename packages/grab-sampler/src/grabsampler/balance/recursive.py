@@ -64,7 +64,10 @@ class RecursiveBalance(Balancer):
 
     def step(self, gram: Tensor, indices: list[int]) -> Update:
         b = len(indices)
-        k = gram.shape[0] - b
+        k = self.nodes + 2
+        if gram.shape[0] < b + k:  # the passive row is not part of the Gram matrix
+            pad = b + k - gram.shape[0]
+            gram = torch.nn.functional.pad(gram, (0, pad, 0, pad))
         coef = torch.zeros(b, b + k, dtype=torch.float64)
         coef[:, :b] = torch.eye(b, dtype=torch.float64)
         coef[:, b + self.m] = -1.0
