@@ -49,6 +49,7 @@ def eigenpro2_solve(
     tol: float = 1e-3,
     max_epochs: int = 20,
     min_epochs: int = 1,
+    decrease: float = 0.0,
     generator: torch.Generator | None = None,
     progress: Any = None,
 ) -> SolveInfo:
@@ -70,6 +71,10 @@ def eigenpro2_solve(
         tol: relative residual tolerance; ``0`` runs ``max_epochs``.
         max_epochs: epochs over ``Z`` at most.
         min_epochs: epochs over ``Z`` at least.
+        decrease: also stop (from the second epoch on) once the epoch residual is
+            below ``decrease`` times the first epoch's: an inexact solve whose
+            remainder stays in ``targets - K weights`` and is reduced by the next
+            warm-started call (error feedback). ``0`` disables it.
         generator: unused, kept for API stability.
         progress: optional callable ``progress(epoch, rel_residual)``.
 
@@ -83,6 +88,7 @@ def eigenpro2_solve(
     z_s = centers.centers[idx_s]
     tnorm = float(targets.norm())
     rel = float("inf")
+    first = float("inf")
     epochs = 0
     while epochs < max_epochs:
         sq = 0.0
@@ -101,7 +107,9 @@ def eigenpro2_solve(
         rel = sq**0.5 / tnorm if tnorm > 0 else sq**0.5
         if progress is not None:
             progress(epochs, rel)
-        if epochs >= min_epochs and rel <= tol:
+        if epochs == 1:
+            first = rel
+        if epochs >= min_epochs and (rel <= tol or (epochs >= 2 and rel <= decrease * first)):
             break
     return SolveInfo(epochs=epochs, rel_residual=rel)
 
