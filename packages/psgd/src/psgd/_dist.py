@@ -61,6 +61,7 @@ class Ownership:
         state: dict[Tensor, dict[str, Any]],
         factors: Callable[..., Any],
         layout: Callable[..., Any],
+        select: Callable[[dict[str, Any]], bool] | None = None,
     ) -> None:
         """Broadcast each parameter's factors, caches and bounds from its owner."""
         index = -1
@@ -68,7 +69,7 @@ class Ownership:
             for p in group["params"]:
                 index += 1
                 st = state.get(p)
-                if not st:
+                if not st or (select is not None and not select(group)):
                     continue
                 shape, _ = layout(group, p)
                 qs, ps, ls = factors(st, len(shape))

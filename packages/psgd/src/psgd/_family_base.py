@@ -127,8 +127,8 @@ class FamilyBase(PSGDBase):
                         hvps = [h.detach() for h in hv]
                     except RuntimeError:
                         hvps = None  # no second derivative: fall back to finite differences
-                elif create:
-                    hvps = [torch.zeros_like(p) for p in params]
+                # gradients without a graph (once-differentiable ops, or a loss linear in the
+                # parameters): finite differences tell the two apart
                 if hvps is None:
                     hvps = optcore_hvp(closure_as_loss(closure), params, vs, method="fd")
         grads = [g.detach() for g in grads]

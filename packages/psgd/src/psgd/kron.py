@@ -239,7 +239,7 @@ class Kron(PSGDBase):
             mom.lerp_(g.to(mom.dtype), 1 - b1)
             if not do_update or (owners is not None and not self._ownership.mine(owners[index])):
                 continue
-            if self._fused(group, owners):
+            if self._fused(group):
                 continue  # fitted after the update is applied, from the same P m
             qs, ps, ls = self._factors(state, g.dim())
             pdt = qs[0].dtype
@@ -262,10 +262,15 @@ class Kron(PSGDBase):
             )
         if do_update and owners is not None:
             self._ownership.broadcast(
-                owners, self.param_groups, self.state, self._factors, self._layout
+                owners,
+                self.param_groups,
+                self.state,
+                self._factors,
+                self._layout,
+                select=lambda grp: not self._fused(grp),
             )
 
-        for group, p, g, _ in work:
+        for group, p, g, index in work:
             state = self.state[p]
             qs, ps, _ = self._factors(state, g.dim())
             mats = F.preconditioner_matrices(qs, ps, group["geometry"])
@@ -278,7 +283,8 @@ class Kron(PSGDBase):
             if group["weight_decay"] != 0 and p.dim() >= 2:
                 p.add_(p, alpha=-group["lr"] * group["weight_decay"])
             p.add_(pre.view(p.shape).to(p.dtype), alpha=-group["lr"] * scale)
-            if do_update and self._fused(group, owners):
+            mine = owners is None or self._ownership.mine(owners[index])
+            if do_update and self._fused(group) and mine:
                 # matmul-only geometry fitted to the momentum: reuse P m (P from before this fit)
                 qs, ps, ls = self._factors(state, g.dim())
                 F.update_factors(
@@ -293,14 +299,22 @@ class Kron(PSGDBase):
                     do_balance=do_balance and p.dim() > 1,
                     pg=pre * inv_bc,
                 )
+        if do_update and owners is not None:
+            self._ownership.broadcast(
+                owners,
+                self.param_groups,
+                self.state,
+                self._factors,
+                self._layout,
+                select=self._fused,
+            )
         return loss
 
     @staticmethod
-    def _fused(group: dict[str, Any], owners: list[int] | None) -> bool:
-        return (
-            owners is None
-            and group["geometry"] in ("QEQ", "Q0.5EQ1.5", "QUAD")
-            and group["momentum_into_precond_update"]
+    def _fused(group: dict[str, Any]) -> bool:
+        """Matmul geometry fitted to the momentum: fit after the update, reusing ``P m``."""
+        return group["geometry"] in ("QEQ", "Q0.5EQ1.5", "QUAD") and bool(
+            group["momentum_into_precond_update"]
         )
 
 
