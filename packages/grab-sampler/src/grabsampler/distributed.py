@@ -222,7 +222,9 @@ class DistributedGraBSampler(Sampler[int]):
         gram, brows = self.bank.batch_gram(grows)
         kk = gram.shape[0] - 1
         if not bool(torch.isfinite(gram).all()):
-            raise ValueError("per_sample_grads contain non-finite values (inf or nan)")
+            raise ValueError(
+                "per_sample_grads contain non-finite values (inf or nan, or too large to square)"
+            )
         coef = torch.zeros(kk, kk + 1, dtype=torch.float64)
         coef[:, :kk] = torch.eye(kk, dtype=torch.float64)
         s = torch.zeros(kk + 1, dtype=torch.float64)

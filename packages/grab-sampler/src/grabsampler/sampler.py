@@ -217,7 +217,9 @@ class GraBSampler(Sampler[int]):
         if not self.balancer.uses_gradients:
             total = torch.stack([r.gram().diagonal().sum().to(torch.float64) for r in rows]).sum()
             if not bool(torch.isfinite(total)):
-                raise ValueError("per_sample_grads contain non-finite values (inf or nan)")
+                raise ValueError(
+                    "per_sample_grads contain non-finite values (inf or nan, or too large to square)"
+                )
             self.position += b
             return
         k = self.balancer.aux_rows(b)
@@ -225,7 +227,9 @@ class GraBSampler(Sampler[int]):
             self.bank.grow(k)
         gram, brows = self.bank.batch_gram(rows)
         if not bool(torch.isfinite(gram[:b]).all()):
-            raise ValueError("per_sample_grads contain non-finite values (inf or nan)")
+            raise ValueError(
+                "per_sample_grads contain non-finite values (inf or nan, or too large to square)"
+            )
         update = self.balancer.step(gram, indices)
         if update is not None:
             self.bank.apply(rows, brows, *update)
