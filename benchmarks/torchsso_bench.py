@@ -95,13 +95,13 @@ def asdl_step(model: nn.Module, lr: float, damping: float, interval: int, mom: f
 
 
 def kfac(model: nn.Module, *, interval: int = 1, lr: float | None = None,
-         damping: float | None = None, **kw) -> Step:  # fmt: skip
+         damping: float | None = None, kl_clip: float | None = None, **kw) -> Step:  # fmt: skip
     c = dict(KFAC)
     opt = torchsso.SecondOrderOptimizer(
         model, c["curv_type"], {"Linear": "Kron"},
         {"damping": c["damping"] if damping is None else damping, "ema_decay": c["ema_decay"]},
         lr=c["lr"] if lr is None else lr, momentum=0.9, curv_interval=interval,
-        kl_clip=c["kl_clip"], **kw,
+        kl_clip=c["kl_clip"] if kl_clip is None else kl_clip, **kw,
     )  # fmt: skip
     return sso_step(model, opt)
 
@@ -113,7 +113,7 @@ def methods(lr_sgd=0.1, lr_adam=1e-3) -> dict[str, Callable[[nn.Module], Step]]:
         ),
         "Adam": lambda m: torch_step(m, torch.optim.Adam(m.parameters(), lr=lr_adam)),
         "torchsso K-FAC, every step": lambda m: kfac(m),
-        "torchsso K-FAC, every 10 steps": lambda m: kfac(m, interval=10),
+        "torchsso K-FAC, every 10 steps": lambda m: kfac(m, interval=10, kl_clip=1e-4),
     }
     if HAVE_ASDL:
         out["ASDL K-FAC, every step"] = lambda m: asdl_step(m, 0.01, 1e-2, 1)
