@@ -217,3 +217,19 @@ def test_cuda_orders_equal_cpu_orders(kind):
                 s.step(t[e, order[i : i + batch]].to(device))
         orders.append(run)
     assert orders[0] == orders[1]
+
+
+@pytest.mark.parametrize("kind", ["mean", "pair"])
+def test_step_allocates_only_order_d_memory(kind):
+    """No (B, d) concatenation: every allocation during step() is at most a few d-vectors."""
+    d_big = 1 << 18
+    p = {"big": torch.zeros(d_big), "small": torch.zeros(10)}
+    s = GraBSampler(range(64), p, kind)
+    list(iter(s))
+    g = {"big": torch.randn(16, d_big), "small": torch.randn(16, 10)}
+    s.step(g)
+    with torch.profiler.profile(profile_memory=True) as prof:
+        s.step(g)
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    per_example = 4 * (d_big + 10)
+    assert largest <= 3 * per_example, largest  # a (B, d) copy would be 16 per_example
