@@ -47,7 +47,9 @@ def _run(rank: int, world: int, geometry: str) -> list[list[float]]:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("geometry", ["QUAD", "EQ"])
+@pytest.mark.parametrize(
+    "geometry", ["QUAD", pytest.param("EQ", marks=pytest.mark.slow)]
+)
 def test_two_process_ddp_equals_single_process(geometry: str) -> None:
     single = [torch.tensor(t) for t in _run(0, 1, geometry)]
     ranks = [[torch.tensor(t) for t in r] for r in spawn(2, _run, geometry, timeout=120.0)]
