@@ -163,6 +163,217 @@ def bench_speed(quick: bool) -> dict[str, Any]:
     return out
 
 
+
+# -------------------------------------------------------------------------- quality
+def _xor_iterations(kind: str, seed: int, length: int, max_iter: int) -> int | None:
+    from psgd.problems import TanhRNN, delayed_xor_batch
+
+    torch.manual_seed(seed)
+    model = TanhRNN()
+    if kind == "psgd.Kron":
+        opt: torch.optim.Optimizer = psgd.Kron(
+            model.parameters(), lr=3e-3, min_ndim_triangular=1
+        )
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(1000 + seed)
+    for it in range(max_iter):
+        x, y = delayed_xor_batch(128, length, generator=gen)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if float(loss.detach()) < 0.05:
+            return it + 1
+    return None
+
+
+def bench_xor(seeds: int, max_iter: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for kind in ("psgd.Kron", "Adam"):
+        its = [_xor_iterations(kind, s, 16, max_iter) for s in range(seeds)]
+        solved = [i for i in its if i is not None]
+        capped = [i if i is not None else max_iter for i in its]
+        out[kind] = {"iterations": its, "solved": len(solved), "median": statistics.median(capped)}
+    return out
+
+
+def bench_rosenbrock() -> dict[str, Any]:
+    from psgd.problems import rosenbrock
+
+    xy = torch.nn.Parameter(torch.tensor([-1.0, 1.0], dtype=torch.float64))
+    opt = psgd.DenseNewton([xy], lr=0.5, preconditioner_init_scale=0.01)
+    its, f = 0, math.inf
+    for its in range(1, 1001):
+        f = float(opt.step(lambda: rosenbrock(xy)))
+        if f < 1e-8:
+            break
+    return {"DenseNewton": {"iterations": its, "loss": f}}
+
+
+def bench_rank_decomposition(max_iter: int) -> dict[str, Any]:
+    from psgd.problems import rank_decomposition_loss
+
+    gen = torch.Generator().manual_seed(0)
+    true = [torch.randn(n, 3, generator=gen, dtype=torch.float64) for n in (6, 7, 8)]
+    target = torch.einsum("ir,jr,kr->ijk", *true)
+    out: dict[str, Any] = {}
+    for name in ("LRANewton", "KronNewton", "Adam"):
+        torch.manual_seed(1)
+        factors = [torch.nn.Parameter(torch.randn(n, 3, dtype=torch.float64)) for n in (6, 7, 8)]
+        if name == "LRANewton":
+            opt: Any = psgd.LRANewton(factors, lr=0.3, rank=10, lr_preconditioner=0.2)
+        elif name == "KronNewton":
+            opt = psgd.KronNewton(factors, lr=0.3, lr_preconditioner=0.2, preconditioner_max_skew=math.inf)
+        else:
+            opt = torch.optim.Adam(factors, lr=0.01)
+        best, its = math.inf, max_iter
+        for it in range(max_iter):
+            if name == "Adam":
+                opt.zero_grad()
+                loss = rank_decomposition_loss(target, factors)
+                loss.backward()
+                opt.step()
+            else:
+                loss = opt.step(lambda: rank_decomposition_loss(target, factors))
+            best = min(best, float(loss))
+            if best < 1e-7:
+                its = it + 1
+                break
+        out[name] = {"iterations": its, "loss": best}
+    return out
+
+
+def _classify(split: Any, kind: str, steps: int, seed: int, hidden: int) -> tuple[float, list[tuple[float, float]]]:
+    torch.manual_seed(seed)
+    d, k = split.x_train.shape[1], int(split.y_train.max()) + 1
+    model = torch.nn.Sequential(
+        torch.nn.Linear(d, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, hidden), torch.nn.ReLU(),
+        torch.nn.Linear(hidden, k),
+    )  # fmt: skip
+    if kind == "AdamW":
+        opt: Any = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+    else:
+        opt = _make(kind, model.parameters(), None) if kind != "psgd.Kron" else psgd.Kron(
+            model.parameters(), lr=1e-3, weight_decay=1e-2
+        )
+        if kind == "kron-torch" and opt is not None:
+            opt.param_groups[0]["weight_decay"] = 1e-2
+        if opt is None:
+            return math.nan, []
+    gen = torch.Generator().manual_seed(seed)
+    n = split.x_train.shape[0]
+    curve, t0 = [], time.perf_counter()
+    for step in range(steps):
+        idx = torch.randint(0, n, (128,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(model(split.x_train[idx]), split.y_train[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 20 == 0:
+            curve.append((time.perf_counter() - t0, float(loss.detach())))
+    with torch.no_grad():
+        test = float(torch.nn.functional.cross_entropy(model(split.x_test), split.y_test))
+    return test, curve
+
+
+def bench_classification(seeds: int, steps: int) -> dict[str, Any]:
+    from optcore.data import load_sklearn, make_mnist1d
+
+    data = {"mnist1d": make_mnist1d(n_train=4000, n_test=1000), "digits": load_sklearn("digits")}
+    out: dict[str, Any] = {"curves": {}}
+    for name, split in data.items():
+        res: dict[str, Any] = {}
+        kinds = ["psgd.Kron", "AdamW"] + (["kron-torch", "heavyball"] if name == "mnist1d" else [])
+        for kind in kinds:
+            tests = []
+            for seed in range(seeds if kind in ("psgd.Kron", "AdamW") else 1):
+                try:
+                    test, curve = _classify(split, kind, steps, seed, 128)
+                except Exception as exc:
+                    print(f"  {kind} failed on {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+                    test, curve = math.nan, []
+                tests.append(test)
+                if seed == 0 and name == "mnist1d":
+                    out["curves"][kind] = curve
+            res[kind] = {"test_loss": statistics.median(tests), "per_seed": tests}
+        out[name] = res
+        print(f"  {name}: " + ", ".join(f"{k} {v['test_loss']:.3f}" for k, v in res.items()))
+    return out
+
+
+# --------------------------------------------------------------------------- report
+def _table(results: dict[str, Any]) -> str:
+    lines = ["| task | method | metric | value |", "|---|---|---|---|"]
+    sp = results.get("speed")
+    if sp:
+        for prob, row in sp["step_ms"].items():
+            for k, v in row.items():
+                lines.append(f"| MLP step, p={prob} | {k} | ms / step | {v:.1f} |")
+            ours = row.get("psgd.Kron")
+            for peer in ("kron-torch", "heavyball"):
+                if ours and row.get(peer):
+                    lines.append(f"| MLP step, p={prob} | psgd.Kron / {peer} | ratio | {ours / row[peer]:.2f} |")
+        for k, v in sp["state_bytes_per_param"].items():
+            lines.append(f"| MLP state | {k} | bytes / parameter | {v:.2f} |")
+        lines.append(f"| preconditioner apply | psgd.Kron | GFLOP/s | {sp['precond_gflops']:.1f} |")
+        lines.append(f"| float32 matmul (1024^3) | torch | GFLOP/s | {sp['matmul_gflops']:.1f} |")
+    xor = results.get("xor")
+    if xor:
+        for k, v in xor.items():
+            lines.append(f"| delayed XOR (T=16), {len(v['iterations'])} seeds | {k} | solved / median iters | {v['solved']} / {v['median']:.0f} |")
+    for k, v in results.get("rosenbrock", {}).items():
+        lines.append(f"| Rosenbrock to 1e-8 | {k} | iterations (loss) | {v['iterations']} ({v['loss']:.1e}) |")
+    for k, v in results.get("rank", {}).items():
+        lines.append(f"| rank-3 CP decomposition to 1e-7 | {k} | iterations (best loss) | {v['iterations']} ({v['loss']:.1e}) |")
+    cl = results.get("classification")
+    if cl:
+        for data in ("mnist1d", "digits"):
+            for k, v in cl.get(data, {}).items():
+                lines.append(f"| {data} MLP, test loss | {k} | cross-entropy | {v['test_loss']:.3f} |")
+    return "\n".join(lines)
+
+
+def _plot(results: dict[str, Any]) -> Path | None:
+    curves = results.get("classification", {}).get("curves")
+    if not curves:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k, c in curves.items():
+        if c:
+            ax.plot([t for t, _ in c], [v for _, v in c], label=k)
+    ax.set_xlabel("wall time (s, shared 2-core CPU)")
+    ax.set_ylabel("training loss (MNIST-1D MLP)")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    path = ROOT / "packages" / "psgd" / "docs" / "loss_vs_time.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def _write_readme(table: str, plot: Path | None) -> None:
+    text = README.read_text()
+    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+    block = start + "\n" + table + "\n"
+    if plot is not None:
+        block += "\n![loss vs time](docs/loss_vs_time.png)\n"
+    block += end
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
+    else:
+        text += "\n" + block + "\n"
+    README.write_text(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -175,8 +386,23 @@ def main() -> None:
     if args.only in (None, "speed"):
         print("speed (MLP 784-512-512-10, batch 128, step() only):")
         results["speed"] = bench_speed(args.quick)
+    if args.only in (None, "quality"):
+        torch.set_num_threads(1)
+        seeds = 5
+        print("delayed XOR (tanh RNN, T=16):")
+        results["xor"] = bench_xor(seeds, 1500 if args.quick else 3000)
+        print("  ", results["xor"])
+        results["rosenbrock"] = bench_rosenbrock()
+        print("  rosenbrock", results["rosenbrock"])
+        results["rank"] = bench_rank_decomposition(2000)
+        print("  rank decomposition", results["rank"])
+        print("classification (MLP):")
+        results["classification"] = bench_classification(3 if args.quick else seeds, 300 if args.quick else 600)
     (RESULTS / "psgd_bench.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+    table = _table(results)
+    print(table)
+    if not args.no_readme:
+        _write_readme(table, _plot(results))
 
 
 if __name__ == "__main__":
