@@ -148,3 +148,23 @@ def test_preconditioner_spectrum_and_step_size() -> None:
     m = nys.critical_batch_size()
     assert m == int(nys.beta_p / nys.lam_next)
     assert nys.step_size(1) == pytest.approx(1 / nys.beta_p)
+
+
+def test_cholesky_inner_solver_converges_and_rejects_no_cache() -> None:
+    X, y, Z = _problem(seed=4)
+    exact = torch.linalg.lstsq(laplacian(X, Z, 2.0), y).solution
+    model = KernelModel(
+        2,
+        Z,
+        "laplacian",
+        bandwidth=2.0,
+        batch_size=len(X),
+        top_q=14,
+        inner_solver="cholesky",
+        projection="every",
+        verbose=False,
+    )
+    assert _train(model, X, y, exact, 200) < 1e-3
+    bad = KernelModel(2, Z, "laplacian", cache=False, inner_solver="cholesky", verbose=False)
+    with pytest.raises(ValueError, match="inner_solver='cholesky' needs the cached"):
+        bad.fit_batch(X[:10], y[:10])

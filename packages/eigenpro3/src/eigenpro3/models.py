@@ -91,6 +91,9 @@ class KernelModel:
         inner_decrease: an inner solve also stops once it has cut its residual by this
             factor; the rest stays in ``u - K(Z, Z) theta`` and is removed by later
             warm-started solves (``0``: always solve to ``inner_tol``).
+        inner_solver: ``"eigenpro2"`` (default, O(p) extra memory) or ``"cholesky"``:
+            one float64 Cholesky factorization of the cached ``K(Z, Z)`` (needs
+            ``cache`` and one device; O(p^2) memory), then exact triangular solves.
         cache: cache ``K(Z, Z)``: ``"auto"`` (when it fits half the budget), ``True``, ``False``.
         seed: seed of the Nystrom subsample, the loaders and the inner batch order.
         verbose: show tqdm progress bars.
@@ -120,6 +123,7 @@ class KernelModel:
         inner_tol: float = 1e-3,
         inner_max_epochs: int = 10,
         inner_decrease: float = 0.0,
+        inner_solver: str = "eigenpro2",
         cache: bool | str = "auto",
         seed: int = 0,
         verbose: bool = True,
@@ -152,6 +156,12 @@ class KernelModel:
         self.inner_tol = inner_tol
         self.inner_max_epochs = inner_max_epochs
         self.inner_decrease = inner_decrease
+        if inner_solver not in ("eigenpro2", "cholesky"):
+            raise ValueError(
+                f"inner_solver must be 'eigenpro2' or 'cholesky', got {inner_solver!r}"
+            )
+        self.inner_solver = inner_solver
+        self._chol: Tensor | None = None
         self.verbose = verbose
         self.seed = seed
         self.world_size, self.rank = get_world_size(), get_rank()
@@ -270,6 +280,8 @@ class KernelModel:
         p, d, c = self.centers.p, self.centers.d, self.n_outputs
         per_epoch = p * p * (c if self.centers.cache is not None else d + c)
         solve = max(self._inner_epochs, 1.0) * 2.0 * per_epoch
+        if self.inner_solver == "cholesky":
+            solve = 2.0 * p * p * c
         t_max = max(1, min(64, self._budget // max(1, 4 * m * (d + c) * 8)))
         best_t, best = 1, solve
         for t in range(2, t_max + 1):
@@ -287,6 +299,9 @@ class KernelModel:
         On CPU the solve's many small products run on one thread: on a busy
         machine that is several times faster than contended multi-threading.
         """
+        if self.inner_solver == "cholesky":
+            self._cholesky_project()
+            return
         ctx = single_thread() if self.main.type == "cpu" else nullcontext()
         with ctx:
             info = eigenpro2_solve(
@@ -301,6 +316,25 @@ class KernelModel:
                 generator=self._gen,
             )
         self._inner_epochs = 0.7 * self._inner_epochs + 0.3 * info["epochs"]
+        self._temps_x.clear()
+        self._temps_a.clear()
+        self._since_solve = 0
+
+    def _cholesky_project(self) -> None:
+        if self._chol is None:
+            cache = self.centers.cache
+            if cache is None or len(cache) != 1:
+                raise ValueError(
+                    "inner_solver='cholesky' needs the cached K(Z, Z) on one device "
+                    "(cache=True, a single entry in devices)"
+                )
+            k = cache[0].double()
+            jitter = 1e-10 * float(k.diagonal().mean())
+            eye = torch.eye(k.shape[0], dtype=k.dtype, device=k.device)
+            self._chol, info = torch.linalg.cholesky_ex(k + jitter * eye)
+            if int(info) != 0:
+                raise ValueError("kernel_fn: K(Z, Z) is not positive definite (Cholesky failed)")
+        self.theta = torch.cholesky_solve(self.u.double(), self._chol).to(self.dtype)
         self._temps_x.clear()
         self._temps_a.clear()
         self._since_solve = 0
