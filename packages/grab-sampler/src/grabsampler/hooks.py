@@ -16,7 +16,10 @@ their inputs and (through a tensor hook) the gradients of their outputs
 during an ordinary ``loss.backward()``, and hands the result to a
 :class:`~grabsampler.GraBSampler` as rows that only answer inner-product
 questions. Other parameters (BatchNorm, LayerNorm, ...) are not part of the
-balanced vector; BatchNorm and Dropout layers in the model are fine.
+balanced vector; BatchNorm and Dropout layers in the model are fine. When a
+sequence/convolution layer's ``B^2 T^2`` position-pair tensor would exceed
+``_PAIR_BUDGET`` entries, that layer's per-example gradients are formed after
+all (one layer at a time).
 """
 
 from __future__ import annotations
