@@ -94,16 +94,17 @@ def test_attention_block_diag_equals_per_example(batch_first):
 def test_transformer_trains_with_kron_and_unit():
     torch.manual_seed(2)
     model = TinyTransformer()
-    tok = torch.randint(0, 11, (64, 5))
+    tok = torch.randint(0, 11, (32, 5))
     y = tok[:, 0] % 3
     opt = SecondOrderOptimizer(
         model, "Fisher", {"Embedding": "Kron", "Linear": "Kron", "LayerNorm": "Unit"},
         {"damping": 1e-2}, lr=0.05, momentum=0.9,
     )  # fmt: skip
     l0 = _step(model, opt, tok, y)
-    for _ in range(30):
+    for _ in range(15):
         last = _step(model, opt, tok, y)
-    assert last < 0.5 * l0
+    assert last < 0.6 * l0
+    assert [b.shape for b in opt.blocks] == ["Kron", "Diag", "Unit", "Kron"]
 
 
 def test_conv1d_kron_factors():
