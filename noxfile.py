@@ -58,11 +58,11 @@ _configure_local_torch()
 
 def _install(session: nox.Session, *packages: str, groups: tuple[str, ...] = ("test",)) -> None:
     args: list[str] = []
-    for name in ("optcore", *packages):
+    for name in dict.fromkeys(("optcore", *packages)):  # keep order, drop repeats
         args += ["-e", str(ROOT / "packages" / name)]
     for group in groups:
         args += ["--group", group]
-    session.install(*dict.fromkeys(args))  # keep order, drop repeats
+    session.install(*args)
 
 
 @nox.session(tags=["default"])

@@ -38,14 +38,14 @@ def _reduce_worker(rank: int, world_size: int, base: float):
     t = torch.full((2,), float(rank))
     D.broadcast_tensors([t], src=1)
     owner = D.assign_by_cost([5.0, 3.0, 2.0])
-    return a.tolist(), b.tolist(), seed, t.tolist(), D.get_rank(), D.get_world_size(), owner
+    return a, b.tolist(), seed, t.tolist(), D.get_rank(), D.get_world_size(), owner
 
 
 @pytest.mark.distributed
 def test_all_reduce_mean_two_gloo_processes():
     results = spawn(2, _reduce_worker, 2.0)
     for rank, (a, b, seed, t, r, w, owner) in enumerate(results):
-        assert a == [3.0, 3.0, 3.0]  # mean of 2 and 4
+        assert torch.equal(a, torch.full((3,), 3.0))  # mean of 2 and 4; tensors come back
         assert b == [0.0, 1.5, 3.0, 4.5]
         assert seed == 100  # rank 0's
         assert t == [1.0, 1.0]

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import multiprocessing as mp
 import os
+import pickle
+import queue as queue_module
 import sys
 import tempfile
 import traceback
@@ -19,7 +22,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 __all__ = ["spawn"]
 
@@ -63,7 +65,9 @@ def _worker(
             result = fn(rank, world_size, *args)
         finally:
             dist.destroy_process_group()
-        queue.put((rank, True, result))
+        # Plain pickle (not torch's shared-memory reductions): tensors in the
+        # result must outlive this process.
+        queue.put((rank, True, pickle.dumps(result)))
     except BaseException:
         queue.put((rank, False, traceback.format_exc()))
 
@@ -104,10 +108,10 @@ def spawn(world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = 
             for _ in range(world_size):
                 try:
                     rank, ok, value = queue.get(timeout=timeout)
-                except Exception as exc:  # queue.Empty
+                except queue_module.Empty as exc:
                     raise RuntimeError(f"spawn: no result from a rank within {timeout} s") from exc
                 if ok:
-                    results[rank] = value
+                    results[rank] = pickle.loads(value)
                 else:
                     errors.append(f"rank {rank} failed:\n{value}")
                     break
