@@ -142,3 +142,17 @@ def test_batchnorm_unit_blocks():
     ps = per_sample_grads(model, F.cross_entropy, x, y)
     u = torch.stack([ps["1.weight"], ps["1.bias"]], 2)  # (B, C, 2)
     torch.testing.assert_close(_curv(opt, 1)["U"], torch.einsum("bci,bcj->cij", u, u) / 8)
+
+
+@pytest.mark.parametrize("curv_type", ["Cov", "Fisher"])
+def test_inplace_activation_gives_the_same_curvature(curv_type):
+    """Output hooks see the gradient of the layer output even when an in-place ReLU follows."""
+    res = []
+    for inplace in (False, True):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=inplace), nn.Linear(5, 3))
+        x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+        opt = SecondOrderOptimizer(m, curv_type, "Kron", lr=0.0, seed=3)
+        _step(m, opt, x, y)
+        res.append(_curv(opt, 0)["G"])
+    torch.testing.assert_close(res[0], res[1])
