@@ -159,12 +159,12 @@ class Capture:
     def _make_hook(self, index: int):
         bdim = self._batch_dims[index]
 
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             if not self.active or not torch.is_grad_enabled():
-                return
+                return None
             out = output[0] if isinstance(output, tuple) else output
             if not isinstance(out, Tensor) or not out.requires_grad:
-                return
+                return None
             inputs = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
             kw = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
             rec = Record(inputs, kw, module.training)
@@ -178,6 +178,11 @@ class Capture:
                 out.register_hook(grad_hook)
             elif self.curv_type in ("Fisher", "GaussNewton"):
                 self._pending.append((rec, out, bdim))
+                if isinstance(output, Tensor):
+                    # hand the network a copy, so that an in-place op downstream (ReLU with
+                    # inplace=True) cannot change the tensor the gradient is taken against
+                    return output.clone()
+            return None
 
         return hook
 
