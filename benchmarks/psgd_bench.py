@@ -157,11 +157,13 @@ def bench_speed(quick: bool) -> dict[str, Any]:
             out["state_bytes_per_param"] = {
                 k: _state_bytes(r.opt, n_params) for k, r in runners.items()
             }
-        print(f"  p={prob}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in out["step_ms"][str(prob)].items()))
+        print(
+            f"  p={prob}: "
+            + ", ".join(f"{k} {v:.1f} ms" for k, v in out["step_ms"][str(prob)].items())
+        )
     out["matmul_gflops"] = _matmul_gflops()
     out["precond_gflops"] = _precond_gflops(5)
     return out
-
 
 
 # -------------------------------------------------------------------------- quality
@@ -171,9 +173,7 @@ def _xor_iterations(kind: str, seed: int, length: int, max_iter: int) -> int | N
     torch.manual_seed(seed)
     model = TanhRNN()
     if kind == "psgd.Kron":
-        opt: torch.optim.Optimizer = psgd.Kron(
-            model.parameters(), lr=3e-3, min_ndim_triangular=1
-        )
+        opt: torch.optim.Optimizer = psgd.Kron(model.parameters(), lr=3e-3, min_ndim_triangular=1)
     else:
         opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(1000 + seed)
@@ -204,10 +204,9 @@ def bench_rosenbrock() -> dict[str, Any]:
     xy = torch.nn.Parameter(torch.tensor([-1.0, 1.0], dtype=torch.float64))
     opt = psgd.DenseNewton([xy], lr=0.5, preconditioner_init_scale=0.01)
     its, f = 0, math.inf
-    for its in range(1, 1001):
+    while its < 1000 and f >= 1e-8:
+        its += 1
         f = float(opt.step(lambda: rosenbrock(xy)))
-        if f < 1e-8:
-            break
     return {"DenseNewton": {"iterations": its, "loss": f}}
 
 
@@ -224,7 +223,9 @@ def bench_rank_decomposition(max_iter: int) -> dict[str, Any]:
         if name == "LRANewton":
             opt: Any = psgd.LRANewton(factors, lr=0.3, rank=10, lr_preconditioner=0.2)
         elif name == "KronNewton":
-            opt = psgd.KronNewton(factors, lr=0.3, lr_preconditioner=0.2, preconditioner_max_skew=math.inf)
+            opt = psgd.KronNewton(
+                factors, lr=0.3, lr_preconditioner=0.2, preconditioner_max_skew=math.inf
+            )
         else:
             opt = torch.optim.Adam(factors, lr=0.01)
         best, its = math.inf, max_iter
@@ -235,7 +236,7 @@ def bench_rank_decomposition(max_iter: int) -> dict[str, Any]:
                 loss.backward()
                 opt.step()
             else:
-                loss = opt.step(lambda: rank_decomposition_loss(target, factors))
+                loss = opt.step(lambda fs=factors: rank_decomposition_loss(target, fs))
             best = min(best, float(loss))
             if best < 1e-7:
                 its = it + 1
@@ -244,7 +245,9 @@ def bench_rank_decomposition(max_iter: int) -> dict[str, Any]:
     return out
 
 
-def _classify(split: Any, kind: str, steps: int, seed: int, hidden: int) -> tuple[float, list[tuple[float, float]]]:
+def _classify(
+    split: Any, kind: str, steps: int, seed: int, hidden: int
+) -> tuple[float, list[tuple[float, float]]]:
     torch.manual_seed(seed)
     d, k = split.x_train.shape[1], int(split.y_train.max()) + 1
     model = torch.nn.Sequential(
@@ -254,8 +257,10 @@ def _classify(split: Any, kind: str, steps: int, seed: int, hidden: int) -> tupl
     if kind == "AdamW":
         opt: Any = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
     else:
-        opt = _make(kind, model.parameters(), None) if kind != "psgd.Kron" else psgd.Kron(
-            model.parameters(), lr=1e-3, weight_decay=1e-2
+        opt = (
+            _make(kind, model.parameters(), None)
+            if kind != "psgd.Kron"
+            else psgd.Kron(model.parameters(), lr=1e-3, weight_decay=1e-2)
         )
         if kind == "kron-torch" and opt is not None:
             opt.param_groups[0]["weight_decay"] = 1e-2
@@ -293,7 +298,9 @@ def bench_classification(seeds: int, steps: int) -> dict[str, Any]:
                 try:
                     test, curve = _classify(split, kind, steps, seed, 128)
                 except Exception as exc:
-                    print(f"  {kind} failed on {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+                    print(
+                        f"  {kind} failed on {name}: {type(exc).__name__}: {exc}", file=sys.stderr
+                    )
                     test, curve = math.nan, []
                 tests.append(test)
                 if seed == 0 and name == "mnist1d":
@@ -315,7 +322,9 @@ def _table(results: dict[str, Any]) -> str:
             ours = row.get("psgd.Kron")
             for peer in ("kron-torch", "heavyball"):
                 if ours and row.get(peer):
-                    lines.append(f"| MLP step, p={prob} | psgd.Kron / {peer} | ratio | {ours / row[peer]:.2f} |")
+                    lines.append(
+                        f"| MLP step, p={prob} | psgd.Kron / {peer} | ratio | {ours / row[peer]:.2f} |"
+                    )
         for k, v in sp["state_bytes_per_param"].items():
             lines.append(f"| MLP state | {k} | bytes / parameter | {v:.2f} |")
         lines.append(f"| preconditioner apply | psgd.Kron | GFLOP/s | {sp['precond_gflops']:.1f} |")
@@ -323,16 +332,24 @@ def _table(results: dict[str, Any]) -> str:
     xor = results.get("xor")
     if xor:
         for k, v in xor.items():
-            lines.append(f"| delayed XOR (T=16), {len(v['iterations'])} seeds | {k} | solved / median iters | {v['solved']} / {v['median']:.0f} |")
+            lines.append(
+                f"| delayed XOR (T=16), {len(v['iterations'])} seeds | {k} | solved / median iters | {v['solved']} / {v['median']:.0f} |"
+            )
     for k, v in results.get("rosenbrock", {}).items():
-        lines.append(f"| Rosenbrock to 1e-8 | {k} | iterations (loss) | {v['iterations']} ({v['loss']:.1e}) |")
+        lines.append(
+            f"| Rosenbrock to 1e-8 | {k} | iterations (loss) | {v['iterations']} ({v['loss']:.1e}) |"
+        )
     for k, v in results.get("rank", {}).items():
-        lines.append(f"| rank-3 CP decomposition to 1e-7 | {k} | iterations (best loss) | {v['iterations']} ({v['loss']:.1e}) |")
+        lines.append(
+            f"| rank-3 CP decomposition to 1e-7 | {k} | iterations (best loss) | {v['iterations']} ({v['loss']:.1e}) |"
+        )
     cl = results.get("classification")
     if cl:
         for data in ("mnist1d", "digits"):
             for k, v in cl.get(data, {}).items():
-                lines.append(f"| {data} MLP, test loss | {k} | cross-entropy | {v['test_loss']:.3f} |")
+                lines.append(
+                    f"| {data} MLP, test loss | {k} | cross-entropy | {v['test_loss']:.3f} |"
+                )
     return "\n".join(lines)
 
 
@@ -399,7 +416,9 @@ def main() -> None:
         results["rank"] = bench_rank_decomposition(2000)
         print("  rank decomposition", results["rank"])
         print("classification (MLP):")
-        results["classification"] = bench_classification(3 if args.quick else seeds, 300 if args.quick else 600)
+        results["classification"] = bench_classification(
+            3 if args.quick else seeds, 300 if args.quick else 600
+        )
     (RESULTS / "psgd_bench.json").write_text(json.dumps(results, indent=2))
     table = _table(results)
     print(table)

@@ -50,16 +50,14 @@ def _rosenbrock(kind: str, iters: int) -> float:
         opt: Any = psgd.DenseNewton([xy], lr=0.5, preconditioner_init_scale=0.01)
     else:
         opt = torch.optim.Adam([xy], lr=0.02)
-    f = float("inf")
     for _ in tqdm(range(iters), desc=f"psgd rosenbrock {kind}", leave=False):
         if kind == "psgd.DenseNewton":
-            f = float(opt.step(lambda: rosenbrock(xy)))
+            opt.step(lambda: rosenbrock(xy))
         else:
             opt.zero_grad()
             loss = rosenbrock(xy)
             loss.backward()
             opt.step()
-            f = float(loss.detach())
     return float(rosenbrock(xy.detach()))
 
 

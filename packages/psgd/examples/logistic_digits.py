@@ -1,9 +1,9 @@
 """Multinomial logistic regression on scikit-learn's digits: KronWhiten vs LRAWhiten vs AdamW."""
 
 import torch
-from optcore.data import load_sklearn
 
 import psgd
+from optcore.data import load_sklearn
 
 split = load_sklearn("digits", standardize=False)
 x_train, x_test = split.x_train / 16, split.x_test / 16
@@ -11,7 +11,9 @@ for name in ("KronWhiten", "LRAWhiten", "AdamW"):
     torch.manual_seed(0)
     model = torch.nn.Linear(64, 10)
     if name == "KronWhiten":
-        opt = psgd.KronWhiten(model.parameters(), lr=0.01, momentum=0.9, preconditioner_max_skew=10.0)
+        opt = psgd.KronWhiten(
+            model.parameters(), lr=0.01, momentum=0.9, preconditioner_max_skew=10.0
+        )
     elif name == "LRAWhiten":
         opt = psgd.LRAWhiten(model.parameters(), lr=0.01, momentum=0.9, rank=10)
     else:
@@ -24,4 +26,6 @@ for name in ("KronWhiten", "LRAWhiten", "AdamW"):
     with torch.no_grad():
         acc = (model(x_test).argmax(1) == split.y_test).float().mean()
         test = torch.nn.functional.cross_entropy(model(x_test), split.y_test)
-    print(f"{name}: train loss {float(loss):.4f}, test loss {float(test):.4f}, accuracy {float(acc):.3f}")
+    print(
+        f"{name}: train loss {float(loss):.4f}, test loss {float(test):.4f}, accuracy {float(acc):.3f}"
+    )

@@ -1,16 +1,19 @@
 """An MLP on MNIST-1D-style data (generated): psgd.Kron against AdamW at equal steps."""
 
 import torch
-from optcore.data import make_mnist1d
 
 import psgd
+from optcore.data import make_mnist1d
 
 torch.set_num_threads(1)
 split = make_mnist1d(n_train=4000, n_test=1000)
 for name in ("psgd.Kron", "AdamW"):
     torch.manual_seed(0)
     model = torch.nn.Sequential(
-        torch.nn.Linear(40, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128), torch.nn.ReLU(),
+        torch.nn.Linear(40, 128),
+        torch.nn.ReLU(),
+        torch.nn.Linear(128, 128),
+        torch.nn.ReLU(),
         torch.nn.Linear(128, 10),
     )
     if name == "psgd.Kron":

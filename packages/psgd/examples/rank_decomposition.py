@@ -14,9 +14,11 @@ for name in ("LRANewton", "KronNewton"):
     if name == "LRANewton":
         opt = psgd.LRANewton(factors, lr=0.3, rank=10, lr_preconditioner=0.2)
     else:
-        opt = psgd.KronNewton(factors, lr=0.3, lr_preconditioner=0.2, preconditioner_max_skew=float("inf"))
-    for it in range(1, 2001):
-        loss = opt.step(lambda: rank_decomposition_loss(target, factors))
-        if loss < 1e-7:
-            break
+        opt = psgd.KronNewton(
+            factors, lr=0.3, lr_preconditioner=0.2, preconditioner_max_skew=float("inf")
+        )
+    it, loss = 0, torch.tensor(float("inf"))
+    while it < 2000 and loss >= 1e-7:
+        it += 1
+        loss = opt.step(lambda fs=factors: rank_decomposition_loss(target, fs))
     print(f"{name}: loss {float(loss):.2e} after {it} iterations")

@@ -36,7 +36,10 @@ ALL = WHITEN + NEWTON
 
 
 def _ids(rows):
-    return [f"{cls.__name__}-{'-'.join(f'{k}={v}' for k, v in kw.items()) or 'default'}" for cls, kw in rows]
+    return [
+        f"{cls.__name__}-{'-'.join(f'{k}={v}' for k, v in kw.items()) or 'default'}"
+        for cls, kw in rows
+    ]
 
 
 def _problem():

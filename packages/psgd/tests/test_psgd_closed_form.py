@@ -49,7 +49,9 @@ def test_kron_whiten_converges_to_inverse_sqrt_covariance(geometry: str) -> None
     l1, l2 = torch.linalg.cholesky(c1), torch.linalg.cholesky(c2)
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.zeros(4, 3, dtype=torch.float64))
-    opt = psgd.KronWhiten([p], lr=0.0, geometry=geometry, preconditioner_max_skew=math.inf, damping=0.0)
+    opt = psgd.KronWhiten(
+        [p], lr=0.0, geometry=geometry, preconditioner_max_skew=math.inf, damping=0.0
+    )
     errors = []
     for lr in (0.1, 0.03, 0.01):
         opt.param_groups[0]["lr_preconditioner"] = lr
@@ -72,7 +74,9 @@ def test_kron_newton_converges_to_inverse_abs_hessian(geometry: str) -> None:
     target = _mpow(hess, -1.0)
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
-    opt = psgd.KronNewton([p], lr=0.0, geometry=geometry, preconditioner_max_skew=math.inf, damping=0.0)
+    opt = psgd.KronNewton(
+        [p], lr=0.0, geometry=geometry, preconditioner_max_skew=math.inf, damping=0.0
+    )
     errors = []
     for lr in (0.1, 0.03, 0.01):
         opt.param_groups[0]["lr_preconditioner"] = lr

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from optcore.testing import spawn
 
 import psgd
+from optcore.testing import spawn
 
 STEPS = 20
 
@@ -47,9 +47,7 @@ def _run(rank: int, world: int, geometry: str) -> list[list[float]]:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize(
-    "geometry", ["QUAD", pytest.param("EQ", marks=pytest.mark.slow)]
-)
+@pytest.mark.parametrize("geometry", ["QUAD", pytest.param("EQ", marks=pytest.mark.slow)])
 def test_two_process_ddp_equals_single_process(geometry: str) -> None:
     single = [torch.tensor(t) for t in _run(0, 1, geometry)]
     ranks = [[torch.tensor(t) for t in r] for r in spawn(2, _run, geometry, timeout=120.0)]
@@ -62,9 +60,12 @@ def test_two_process_ddp_equals_single_process(geometry: str) -> None:
 
 def test_owners_split_work_by_cost() -> None:
     from optcore.distributed import assign_by_cost
-
     from psgd.factors import factor_cost
 
-    costs = [factor_cost((12, 6), (True, True)), factor_cost((12,), (False,)), factor_cost((3, 12), (True, True))]
+    costs = [
+        factor_cost((12, 6), (True, True)),
+        factor_cost((12,), (False,)),
+        factor_cost((3, 12), (True, True)),
+    ]
     owners = assign_by_cost(costs, 2)
     assert sorted(set(owners)) == [0, 1]

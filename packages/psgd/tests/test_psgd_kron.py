@@ -27,7 +27,9 @@ def _model(seed: int = 0) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
 
 
-def _train(opt: torch.optim.Optimizer, model: torch.nn.Module, steps: int, seed: int = 1) -> list[float]:
+def _train(
+    opt: torch.optim.Optimizer, model: torch.nn.Module, steps: int, seed: int = 1
+) -> list[float]:
     gen = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(steps):
@@ -62,7 +64,14 @@ def test_signature_matches_kron_torch_defaults() -> None:
         assert sig.parameters[name].default == value, name
     kron_torch = pytest.importorskip("kron_torch")
     theirs = inspect.signature(kron_torch.Kron)
-    for name in ("lr", "b1", "weight_decay", "max_size_triangular", "min_ndim_triangular", "precond_lr"):
+    for name in (
+        "lr",
+        "b1",
+        "weight_decay",
+        "max_size_triangular",
+        "min_ndim_triangular",
+        "precond_lr",
+    ):
         assert sig.parameters[name].default == theirs.parameters[name].default, name
 
 

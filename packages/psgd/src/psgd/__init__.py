@@ -7,8 +7,8 @@
 * :func:`precond_update_prob_schedule` -- kron-torch's annealed update probability.
 """
 
-from .family import DenseNewton, KronNewton, KronWhiten
 from .factors import GEOMETRIES
+from .family import DenseNewton, KronNewton, KronWhiten
 from .kron import Kron
 from .lra import LRANewton, LRAWhiten
 from .schedule import ProbSchedule, precond_update_prob_schedule

@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
-from optcore import distributed as odist
 from torch import Tensor
+
+from optcore import distributed as odist
 
 from .factors import factor_cost
 
@@ -75,5 +75,3 @@ class Ownership:
                 qs, ps, ls = factors(st, len(shape))
                 tensors = [t for t in (*qs, *ps, *ls) if t is not None]
                 odist.broadcast_tensors(tensors, src=owners[index])
-
-

@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from optcore.curvature import hvp as optcore_hvp
 from torch import Tensor
+
+from optcore.curvature import hvp as optcore_hvp
 
 from ._base import PSGDBase, check_positive, check_unit, closure_loss
 from .factors import GEOMETRIES
@@ -48,7 +49,9 @@ class FamilyBase(PSGDBase):
         if geometry not in GEOMETRIES:
             raise ValueError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")
         if defaults["hvp_method"] not in ("autograd", "fd"):
-            raise ValueError(f"hvp_method must be 'autograd' or 'fd', got {defaults['hvp_method']!r}")
+            raise ValueError(
+                f"hvp_method must be 'autograd' or 'fd', got {defaults['hvp_method']!r}"
+            )
         super().__init__(params, defaults)
         for key in ("prob_step", "update_counter", "num_updates"):
             self._counters[key] = torch.tensor(0, dtype=torch.int64)
@@ -58,7 +61,12 @@ class FamilyBase(PSGDBase):
         raise NotImplementedError
 
     def _unit_update(
-        self, group: dict[str, Any], state: dict[str, Any], h: Tensor, v: Tensor | None, balance: bool
+        self,
+        group: dict[str, Any],
+        state: dict[str, Any],
+        h: Tensor,
+        v: Tensor | None,
+        balance: bool,
     ) -> None:
         raise NotImplementedError
 
@@ -113,8 +121,8 @@ class FamilyBase(PSGDBase):
                 raise TypeError(f"{name}: the closure must return a loss tensor that requires grad")
             method = self.param_groups[0]["hvp_method"]
             create = do_update and method == "autograd"
-            grads = torch.autograd.grad(loss, params, create_graph=create, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+            raw = torch.autograd.grad(loss, params, create_graph=create, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw)]
             hvps = vs = None
             if do_update:
                 vs = [self._randn_like(p.detach(), n_upd, i) for i, p in enumerate(params)]
@@ -122,7 +130,11 @@ class FamilyBase(PSGDBase):
                 if create and any(g.requires_grad for g in grads):
                     try:
                         hv = torch.autograd.grad(
-                            grads, params, grad_outputs=vs, allow_unused=True, materialize_grads=True
+                            grads,
+                            params,
+                            grad_outputs=vs,
+                            allow_unused=True,
+                            materialize_grads=True,
                         )
                         hvps = [h.detach() for h in hv]
                     except RuntimeError:
@@ -201,8 +213,12 @@ class FamilyBase(PSGDBase):
                 else:
                     target = x if group["whiten_momentum"] else g
                     if group["damping"] > 0:
-                        target = target + group["damping"] * self._randn_like(target, n_upd, -1 - uidx)
-                    probe = self._randn_like(target, n_upd, uidx) if self._unit_needs_v(group) else None
+                        target = target + group["damping"] * self._randn_like(
+                            target, n_upd, -1 - uidx
+                        )
+                    probe = (
+                        self._randn_like(target, n_upd, uidx) if self._unit_needs_v(group) else None
+                    )
                     self._unit_update(group, state, target, probe, balance)
             pre = self._unit_apply(group, state, x)
             max_rms, max_amp = group["grad_clip_max_rms"], group["grad_clip_max_amp"]

@@ -83,11 +83,10 @@ def solve_upper_h_along(q: Tensor, x: Tensor, dim: int) -> Tensor:
         shape[dim] = q.shape[0]
         return x / q.conj().view(shape)
     rows = torch.movedim(x, dim, 0)
-    shape = rows.shape
     sol = torch.linalg.solve_triangular(
-        _wide(q).mH, _wide(rows.reshape(shape[0], -1)), upper=False
+        _wide(q).mH, _wide(rows.reshape(rows.shape[0], -1)), upper=False
     ).to(x.dtype)
-    return torch.movedim(sol.view(shape), 0, dim)
+    return torch.movedim(sol.view(rows.shape), 0, dim)
 
 
 def procrustes_step(q: Tensor, max_step: float = 0.125) -> None:

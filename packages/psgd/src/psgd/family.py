@@ -38,7 +38,9 @@ def _family_defaults(**kw: Any) -> dict[str, Any]:
 class _KronFamily(FamilyBase):
     """Shared Kron-factor logic (per parameter, or one dense factor over a flat group)."""
 
-    def _shape_dense(self, group: dict[str, Any], n: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+    def _shape_dense(
+        self, group: dict[str, Any], n: tuple[int, ...]
+    ) -> tuple[tuple[int, ...], tuple[bool, ...]]:
         if self.flat:
             return (math.prod(n),), (True,)
         shape = F.merged_shape(n, group["merge_dims"])
@@ -60,14 +62,18 @@ class _KronFamily(FamilyBase):
             auto = m4.pow(-1.0 / 8)
             scale = float(auto) if math.isfinite(float(auto)) and float(m4) > 0 else 1.0
         pdt = group["preconditioner_dtype"] or torch.promote_types(g.dtype, torch.float32)
-        qs, ps = F.init_factors(shape, dense, scale, geometry=group["geometry"], dtype=pdt, device=g.device)
+        qs, ps = F.init_factors(
+            shape, dense, scale, geometry=group["geometry"], dtype=pdt, device=g.device
+        )
         for i, q in enumerate(qs):
             state[f"Q{i}"] = q
             if ps[i] is not None:
                 state[f"P{i}"] = ps[i]
             state[f"L{i}"] = torch.zeros((), dtype=torch.float32, device=g.device)
 
-    def _factors(self, state: dict[str, Any]) -> tuple[list[Tensor], list[Tensor | None], list[Tensor | None]]:
+    def _factors(
+        self, state: dict[str, Any]
+    ) -> tuple[list[Tensor], list[Tensor | None], list[Tensor | None]]:
         k = sum(1 for key in state if key.startswith("Q"))
         return (
             [state[f"Q{i}"] for i in range(k)],
@@ -79,7 +85,12 @@ class _KronFamily(FamilyBase):
         return group["geometry"] == "EQ"
 
     def _unit_update(
-        self, group: dict[str, Any], state: dict[str, Any], h: Tensor, v: Tensor | None, balance: bool
+        self,
+        group: dict[str, Any],
+        state: dict[str, Any],
+        h: Tensor,
+        v: Tensor | None,
+        balance: bool,
     ) -> None:
         qs, ps, ls = self._factors(state)
         shape = tuple(q.shape[0] for q in qs)

@@ -159,9 +159,13 @@ class Kron(PSGDBase):
             m4 = g.detach().abs().float().pow(4).mean()
             auto = m4.pow(-1.0 / 8)
             scale = torch.where(torch.isfinite(auto) & (m4 > 0), auto, torch.ones_like(auto))
-        qs, ps = F.init_factors(shape, dense, scale, geometry=group["geometry"], dtype=pdt, device=p.device)
+        qs, ps = F.init_factors(
+            shape, dense, scale, geometry=group["geometry"], dtype=pdt, device=p.device
+        )
         state["step"] = torch.tensor(0, dtype=torch.int32)
-        state["momentum_buffer"] = torch.zeros(shape, dtype=group["mu_dtype"] or p.dtype, device=p.device)
+        state["momentum_buffer"] = torch.zeros(
+            shape, dtype=group["mu_dtype"] or p.dtype, device=p.device
+        )
         for i, q in enumerate(qs):
             state[f"Q{i}"] = q
             if ps[i] is not None:
@@ -170,7 +174,9 @@ class Kron(PSGDBase):
                 state[f"L{i}"] = torch.zeros((), dtype=torch.float32, device=p.device)
 
     @staticmethod
-    def _factors(state: dict[str, Any], k: int) -> tuple[list[Tensor], list[Tensor | None], list[Tensor | None]]:
+    def _factors(
+        state: dict[str, Any], k: int
+    ) -> tuple[list[Tensor], list[Tensor | None], list[Tensor | None]]:
         qs = [state[f"Q{i}"] for i in range(k)]
         ps = [state.get(f"P{i}") for i in range(k)]
         ls = [state.get(f"L{i}") for i in range(k)]
@@ -218,7 +224,7 @@ class Kron(PSGDBase):
                     continue
                 self._check_grad(p, p.grad)
                 candidates.append((group, i, p, index))
-        finite = _all_finite([p.grad for _, _, p, _ in candidates])
+        finite = _all_finite([p.grad for _, _, p, _ in candidates if p.grad is not None])
         for (group, i, p, index), ok in zip(candidates, finite):
             if not ok:
                 self._warn_nonfinite(self._param_name(group, i, p))
@@ -322,5 +328,7 @@ def _all_finite(tensors: list[Tensor]) -> list[bool]:
     """Per-tensor finiteness with one host sync (min/max propagate NaN and reveal inf)."""
     if not tensors:
         return []
-    ext = torch.stack([torch.stack(torch.aminmax(t.detach().reshape(-1).real)).float() for t in tensors])
+    ext = torch.stack(
+        [torch.stack(torch.aminmax(t.detach().reshape(-1).real)).float() for t in tensors]
+    )
     return torch.isfinite(ext).all(dim=1).tolist()

@@ -53,7 +53,12 @@ class _LRA(FamilyBase):
         return (d * y).to(x.dtype)
 
     def _unit_update(
-        self, group: dict[str, Any], state: dict[str, Any], h: Tensor, vec: Tensor | None, balance: bool
+        self,
+        group: dict[str, Any],
+        state: dict[str, Any],
+        h: Tensor,
+        vec: Tensor | None,
+        balance: bool,
     ) -> None:
         assert vec is not None
         U, V, d, lip = state["U"], state["V"], state["d"], state["L"]
@@ -88,16 +93,16 @@ class _LRA(FamilyBase):
         if r > 0:
             if int(state["step"]) % 2 == 0:
                 atv, btv = a @ v_, b @ v_
-                norm = torch.linalg.vector_norm(a) * torch.linalg.vector_norm(v_ @ atv) + torch.linalg.vector_norm(
-                    b
-                ) * torch.linalg.vector_norm(v_ @ btv)
+                norm = torch.linalg.vector_norm(a) * torch.linalg.vector_norm(
+                    v_ @ atv
+                ) + torch.linalg.vector_norm(b) * torch.linalg.vector_norm(v_ @ btv)
                 mu = lr / (norm + _TINY)
                 u = u - mu * (torch.outer(a, atv @ ip) - torch.outer(b, btv @ ip))
             else:
                 atu, btu = a @ u, b @ u
-                norm = torch.linalg.vector_norm(a) * torch.linalg.vector_norm(u @ atu) + torch.linalg.vector_norm(
-                    b
-                ) * torch.linalg.vector_norm(u @ btu)
+                norm = torch.linalg.vector_norm(a) * torch.linalg.vector_norm(
+                    u @ atu
+                ) + torch.linalg.vector_norm(b) * torch.linalg.vector_norm(u @ btu)
                 mu = lr / (norm + _TINY)
                 v_ = v_ - mu * (torch.outer(a + v_ @ atu, atu) - torch.outer(b + v_ @ btu, btu))
         U.copy_(u.to(U.dtype))
@@ -175,11 +180,21 @@ class LRAWhiten(_LRA):
         super().__init__(
             params,
             _defaults(
-                lr, lr_preconditioner, momentum, preconditioner_update_probability, rank,
-                preconditioner_init_scale, beta_lipschitz, damping, weight_decay,
-                grad_clip_max_rms, grad_clip_max_amp, preconditioner_dtype, "autograd",
+                lr,
+                lr_preconditioner,
+                momentum,
+                preconditioner_update_probability,
+                rank,
+                preconditioner_init_scale,
+                beta_lipschitz,
+                damping,
+                weight_decay,
+                grad_clip_max_rms,
+                grad_clip_max_amp,
+                preconditioner_dtype,
+                "autograd",
                 whiten_momentum,
-            ),  # fmt: skip
+            ),
         )
 
 
@@ -214,8 +229,19 @@ class LRANewton(_LRA):
         super().__init__(
             params,
             _defaults(
-                lr, lr_preconditioner, momentum, preconditioner_update_probability, rank,
-                preconditioner_init_scale, beta_lipschitz, damping, weight_decay,
-                grad_clip_max_rms, grad_clip_max_amp, preconditioner_dtype, hvp_method, False,
-            ),  # fmt: skip
+                lr,
+                lr_preconditioner,
+                momentum,
+                preconditioner_update_probability,
+                rank,
+                preconditioner_init_scale,
+                beta_lipschitz,
+                damping,
+                weight_decay,
+                grad_clip_max_rms,
+                grad_clip_max_amp,
+                preconditioner_dtype,
+                hvp_method,
+                False,
+            ),
         )

@@ -13,7 +13,9 @@ from torch import Tensor
 __all__ = ["TanhRNN", "delayed_xor_batch", "rank_decomposition_loss", "rosenbrock"]
 
 
-def delayed_xor_batch(batch: int, length: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def delayed_xor_batch(
+    batch: int, length: int, *, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
     """Sequences of random bits with two marked steps; the target is the XOR of the marked bits.
 
     Returns:
