@@ -15,7 +15,7 @@ for name in ("KronWhiten", "LRAWhiten", "AdamW"):
             model.parameters(), lr=0.01, momentum=0.9, preconditioner_max_skew=10.0
         )
     elif name == "LRAWhiten":
-        opt = psgd.LRAWhiten(model.parameters(), lr=0.01, momentum=0.9, rank=10)
+        opt = psgd.LRAWhiten(model.parameters(), lr=0.05, momentum=0.9, rank=10)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=0.01)
     for _ in range(300):
