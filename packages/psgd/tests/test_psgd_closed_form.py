@@ -157,3 +157,29 @@ def test_whitening_p_applied_to_gradient_matches_closed_form_product() -> None:
     p.grad = g
     opt.step()
     assert torch.allclose(before - p.detach(), (big @ g.reshape(-1)).reshape(5, 3), atol=1e-10)
+
+
+@pytest.mark.parametrize("geometry", GEOMS)
+def test_geometry_invariants(geometry: str) -> None:
+    """EQ: stored P has a triangular Cholesky factor (P SPD); Q0.5EQ1.5: Q stays close to
+    symmetric positive definite; QUAD: P symmetric PD; all: P = Q^H Q stays SPD."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.zeros(6, 5, dtype=torch.float64))
+    opt = psgd.KronWhiten([p], lr=0.0, geometry=geometry, preconditioner_max_skew=math.inf)
+    scale = torch.linspace(0.1, 10.0, 6, dtype=torch.float64)[:, None]
+    for _ in range(100):
+        p.grad = scale * torch.randn(6, 5, dtype=torch.float64)
+        opt.step()
+    for i in range(2):
+        q = opt.state[p][f"Q{i}"]
+        cache = opt.state[p].get(f"P{i}")
+        big = q if geometry in ("EQ", "QUAD") else cache
+        assert torch.allclose(big, big.mT, atol=1e-10)
+        assert float(torch.linalg.eigvalsh(big).min()) > 0
+        if geometry == "EQ":
+            chol = torch.linalg.cholesky(big, upper=True)
+            assert torch.equal(chol, torch.triu(chol))
+        if geometry == "Q0.5EQ1.5":
+            asym = torch.linalg.norm(q - q.mT) / torch.linalg.norm(q)
+            assert float(asym) < 0.05
+            assert float(torch.linalg.eigvalsh(0.5 * (q + q.mT)).min()) > 0
