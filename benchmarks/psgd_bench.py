@@ -54,6 +54,8 @@ def _mlp() -> torch.nn.Module:
 def _make(name: str, params: Any, prob: float) -> torch.optim.Optimizer | None:
     if name == "psgd.Kron":
         return psgd.Kron(params, lr=1e-3, preconditioner_update_probability=prob)
+    if name == "psgd.Kron(QUAD)":
+        return psgd.Kron(params, lr=1e-3, preconditioner_update_probability=prob, geometry="QUAD")
     if name == "kron-torch":
         try:
             import kron_torch
@@ -133,7 +135,7 @@ def _precond_gflops(repeats: int) -> float:
 
 
 def bench_speed(quick: bool) -> dict[str, Any]:
-    names = ["psgd.Kron", "kron-torch", "heavyball", "AdamW"]
+    names = ["psgd.Kron", "psgd.Kron(QUAD)", "kron-torch", "heavyball", "AdamW"]
     out: dict[str, Any] = {"step_ms": {}, "state_bytes_per_param": {}}
     repeats = 3 if quick else 7
     for prob, n in ((0.03, 34), (1.0, 3)):

@@ -61,11 +61,11 @@ class Kron(PSGDBase):
         mu_dtype: dtype of the momentum buffer (default: the parameter's).
         precond_dtype: dtype of ``Q`` and the cache (default float32; bfloat16 keeps
             float32 norms and solves).
-        geometry: how the factors are fitted. Default ``"QUAD"``: ``P_i`` itself is the
-            state (no cache needed, same bytes as kron-torch's ``Q_i``) and the fit reuses
-            the ``P m`` of the update (matmul only, no triangular solves). ``"EQ"`` is
-            kron-torch's triangular ``dQ = E Q`` rule (``P_i`` stored, ``Q_i`` recovered
-            by Cholesky on update steps); also ``"QEP"``, ``"QEQ"``, ``"Q0.5EQ1.5"``.
+        geometry: how the factors are fitted. Default ``"EQ"``: kron-torch's triangular
+            ``dQ = E Q`` rule; ``P_i`` is stored (same bytes as kron-torch's ``Q_i``) and
+            ``Q_i`` is recovered by Cholesky on update steps. ``"QUAD"`` fits ``P_i``
+            directly and reuses the ``P m`` of the update (matmul only, cheapest update
+            steps); also ``"QEP"``, ``"QEQ"``, ``"Q0.5EQ1.5"``.
         precond_beta: forgetting factor of the moving-max norm bound (0: the
             instantaneous bound, as kron-torch).
         clip_update_rms: RMS of the preconditioned update is clipped to this (1.1).
@@ -91,7 +91,7 @@ class Kron(PSGDBase):
         mu_dtype: torch.dtype | None = None,
         precond_dtype: torch.dtype | None = None,
         *,
-        geometry: str = "QUAD",
+        geometry: str = "EQ",
         precond_beta: float = 0.0,
         clip_update_rms: float = 1.1,
         distributed: bool | None = None,
