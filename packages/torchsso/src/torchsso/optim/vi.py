@@ -32,7 +32,10 @@ from .second_order import SecondOrderOptimizer
 
 __all__ = ["VIOptimizer", "prediction"]
 
-_REGISTRY: weakref.WeakKeyDictionary[nn.Module, VIOptimizer] = weakref.WeakKeyDictionary()
+# model -> weak reference to its VIOptimizer (weak both ways: the optimizer holds the model)
+_REGISTRY: weakref.WeakKeyDictionary[nn.Module, weakref.ref[VIOptimizer]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class VIOptimizer(SecondOrderOptimizer):
@@ -118,8 +121,8 @@ class VIOptimizer(SecondOrderOptimizer):
         self.prior_variance = prior_variance
         self.init_precision = init_precision
         inner = getattr(model, "module", model)
-        _REGISTRY[inner] = self
-        _REGISTRY[model] = self
+        _REGISTRY[inner] = weakref.ref(self)
+        _REGISTRY[model] = weakref.ref(self)
 
     # ---------------------------------------------------------------- schedule
     def tau(self, step: int | None = None) -> float:
@@ -254,7 +257,8 @@ def prediction(model: nn.Module, x: Tensor, mc_samples: int | None = None) -> Te
     Raises:
         ValueError: if no :class:`VIOptimizer` was created for ``model``.
     """
-    opt = _REGISTRY.get(model)
+    ref = _REGISTRY.get(model)
+    opt = None if ref is None else ref()
     if opt is None:
         raise ValueError("model: no VIOptimizer was created for this model")
     return opt.prediction(x, mc_samples)
