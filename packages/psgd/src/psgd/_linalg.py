@@ -82,6 +82,9 @@ def solve_upper_h_along(q: Tensor, x: Tensor, dim: int) -> Tensor:
         shape = [1] * x.dim()
         shape[dim] = q.shape[0]
         return x / q.conj().view(shape)
+    if x.dim() == 2 and dim == 1:  # X conj(Q^{-1}): a right-side solve, no transposed copy
+        sol = torch.linalg.solve_triangular(_wide(q).conj(), _wide(x), upper=True, left=False)
+        return sol.to(x.dtype)
     rows = torch.movedim(x, dim, 0)
     sol = torch.linalg.solve_triangular(
         _wide(q).mH, _wide(rows.reshape(rows.shape[0], -1)), upper=False
