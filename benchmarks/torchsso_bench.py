@@ -114,6 +114,9 @@ def methods(lr_sgd=0.1, lr_adam=1e-3) -> dict[str, Callable[[nn.Module], Step]]:
         "Adam": lambda m: torch_step(m, torch.optim.Adam(m.parameters(), lr=lr_adam)),
         "torchsso K-FAC, every step": lambda m: kfac(m),
         "torchsso K-FAC, every 10 steps": lambda m: kfac(m, interval=10, kl_clip=1e-4),
+        "torchsso K-FAC, every step, trust ratio 0.03 (lr 0.1, damping 1e-3)": lambda m: kfac(
+            m, lr=0.1, damping=1e-3, max_update_ratio=0.03
+        ),
     }
     if HAVE_ASDL:
         out["ASDL K-FAC, every step"] = lambda m: asdl_step(m, 0.01, 1e-2, 1)

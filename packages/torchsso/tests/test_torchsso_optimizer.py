@@ -393,3 +393,27 @@ def test_singular_factor_is_recovered():
 
     opt.step(closure)
     assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_max_update_ratio_bounds_each_layer_step():
+    torch.manual_seed(0)
+    m = _mlp()
+    x, y = _data(False)
+    opt = SecondOrderOptimizer(m, "Cov", "Kron", {"damping": 1e-4}, lr=100.0, max_update_ratio=1e-3)
+    before = [p.detach().clone() for p in m.parameters()]
+
+    def closure():
+        opt.zero_grad()
+        out = m(x)
+        loss = F.cross_entropy(out, y)
+        loss.backward()
+        return loss, out
+
+    opt.step(closure)
+    for b in opt.blocks:
+        idx = [i for i, p in enumerate(m.parameters()) if any(p is q for q in b.params)]
+        step = sum(float(((list(m.parameters())[i] - before[i]) ** 2).sum()) for i in idx) ** 0.5
+        wn = sum(float((before[i] ** 2).sum()) for i in idx) ** 0.5
+        assert 0 < step <= 1e-3 * wn * (1 + 1e-5)
+    with pytest.raises(ValueError, match="max_update_ratio"):
+        SecondOrderOptimizer(m, "Cov", "Kron", max_update_ratio=0.0)

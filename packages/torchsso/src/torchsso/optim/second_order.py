@@ -92,6 +92,9 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         inv_interval: recompute the inverses every this many steps (or a callable);
             default ``None``: whenever the curvature was re-estimated.
         kl_clip: if set, scale the update so that ``lr^2 sum(update . grad) <= kl_clip``.
+        max_update_ratio: if set, the step of each layer block is scaled down to at most
+            this fraction of the block's weight norm (a trust ratio in the spirit of
+            PyTorch-SSO's LARS options; trades some speed for robustness to lr / damping).
         seed: seed of the generator for sampled labels.
 
     The closure must zero the gradients, compute the loss, call ``loss.backward()``
@@ -124,6 +127,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         curv_interval: Interval = 1,
         inv_interval: Interval | None = None,
         kl_clip: float | None = None,
+        max_update_ratio: float | None = None,
         seed: int = 0,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -179,6 +183,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             _check_interval("inv_interval", inv_interval)
         if kl_clip is not None and kl_clip <= 0:
             raise ValueError(f"kl_clip must be > 0 or None, got {kl_clip}")
+        if max_update_ratio is not None and max_update_ratio <= 0:
+            raise ValueError(f"max_update_ratio must be > 0 or None, got {max_update_ratio}")
 
         self.model = model
         inner = model.module if isinstance(model, DistributedDataParallel) else model
@@ -209,7 +215,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                 }
             )
         defaults = dict(lr=lr, momentum=momentum, momentum_type=momentum_type,
-                        weight_decay=weight_decay, l2_reg=l2_reg)  # fmt: skip
+                        weight_decay=weight_decay, l2_reg=l2_reg,
+                        max_update_ratio=max_update_ratio)  # fmt: skip
         super().__init__(groups, defaults)
         self.capture = Capture(
             inner,
@@ -460,8 +467,16 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         if self.kl_clip is not None and kl > 0:
             nu = min(1.0, math.sqrt(self.kl_clip / kl))
         for group, params, upd in updates:
+            scale = group["lr"] * nu
+            ratio = group.get("max_update_ratio")
+            if ratio is not None:
+                # trust ratio: the step of a layer is at most `ratio` times its weight norm
+                wn = math.sqrt(sum(float((p * p).sum()) for p in params))
+                un = scale * math.sqrt(sum(float((u * u).sum()) for u in upd))
+                if un > ratio * wn > 0:
+                    scale *= ratio * wn / un
             for p, u in zip(params, upd):
-                p.add_(u, alpha=-group["lr"] * nu)
+                p.add_(u, alpha=-scale)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Tensor:  # type: ignore[override]
         """One optimization step.
