@@ -205,6 +205,9 @@ def robustness(max_epochs: int) -> dict[str, dict]:
     grid = [1e-3, 1e-2, 1e-1]
     runs: dict[str, Callable[[float, float], Callable[[nn.Module], Step]]] = {
         "torchsso K-FAC": lambda lr, dmp: lambda m: kfac(m, lr=lr, damping=dmp),
+        "torchsso K-FAC, max_update_ratio=0.03": lambda lr, dmp: (
+            lambda m: kfac(m, lr=lr, damping=dmp, max_update_ratio=0.03)
+        ),
     }
     if HAVE_ASDL:
         runs["ASDL K-FAC"] = lambda lr, dmp: lambda m: asdl_step(m, lr, dmp, 1)
