@@ -98,15 +98,23 @@ class _Runner:
         return total
 
 
+def _tensor_bytes(obj: Any, seen: set[int]) -> int:
+    if isinstance(obj, torch.Tensor):
+        key = obj.untyped_storage().data_ptr()
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in obj)
+    return 0
+
+
 def _state_bytes(opt: torch.optim.Optimizer, n_params: int) -> float:
-    total = 0
-    for st in opt.state.values():
-        for v in st.values() if isinstance(st, dict) else []:
-            if isinstance(v, torch.Tensor):
-                total += v.numel() * v.element_size()
-            elif isinstance(v, (list, tuple)):
-                total += sum(t.numel() * t.element_size() for t in v if isinstance(t, torch.Tensor))
-    return total / n_params
+    """Bytes of all tensors reachable from ``opt.state`` (nested containers, shared storage once)."""
+    return _tensor_bytes(list(opt.state.values()), set()) / n_params
 
 
 def _matmul_gflops() -> float:
@@ -321,12 +329,14 @@ def _table(results: dict[str, Any]) -> str:
         for prob, row in sp["step_ms"].items():
             for k, v in row.items():
                 lines.append(f"| MLP step, p={prob} | {k} | ms / step | {v:.1f} |")
-            ours = row.get("psgd.Kron")
-            for peer in ("kron-torch", "heavyball"):
-                if ours and row.get(peer):
-                    lines.append(
-                        f"| MLP step, p={prob} | psgd.Kron / {peer} | ratio | {ours / row[peer]:.2f} |"
-                    )
+            for mine in ("psgd.Kron", "psgd.Kron(QUAD)"):
+                ours = row.get(mine)
+                for peer in ("kron-torch", "heavyball"):
+                    if ours and row.get(peer):
+                        ratio = ours / row[peer]
+                        lines.append(
+                            f"| MLP step, p={prob} | {mine} / {peer} | ratio | {ratio:.2f} |"
+                        )
         for k, v in sp["state_bytes_per_param"].items():
             lines.append(f"| MLP state | {k} | bytes / parameter | {v:.2f} |")
         lines.append(f"| preconditioner apply | psgd.Kron | GFLOP/s | {sp['precond_gflops']:.1f} |")
@@ -400,10 +410,20 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-readme", action="store_true")
     parser.add_argument("--only", choices=["speed", "quality"], default=None)
+    parser.add_argument("--table-only", action="store_true", help="rebuild table from JSON")
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {}
+    saved = RESULTS / "psgd_bench.json"
+    results: dict[str, Any] = (
+        json.loads(saved.read_text()) if saved.exists() and (args.only or args.table_only) else {}
+    )
+    if args.table_only:
+        table = _table(results)
+        print(table)
+        if not args.no_readme:
+            _write_readme(table, _plot(results))
+        return
     if args.only in (None, "speed"):
         print("speed (MLP 784-512-512-10, batch 128, step() only):")
         results["speed"] = bench_speed(args.quick)
