@@ -7,13 +7,13 @@ from psgd.problems import TanhRNN, delayed_xor_batch
 
 torch.set_num_threads(1)
 for name in ("psgd.Kron", "Adam"):
-    torch.manual_seed(0)
+    torch.manual_seed(2)  # seed 2 of the benchmark's five
     model = TanhRNN(hidden=30)
     if name == "psgd.Kron":
         opt = psgd.Kron(model.parameters(), lr=3e-3, min_ndim_triangular=1)
     else:
         opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(1002)
     for it in range(1, 3001):
         x, y = delayed_xor_batch(128, 16, generator=gen)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y)
