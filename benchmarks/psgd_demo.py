@@ -63,7 +63,7 @@ def _rosenbrock(kind: str, iters: int) -> float:
 
 def run(quick: bool = False) -> list[dict[str, Any]]:
     """Run the demo; ``quick`` shortens it (under 30 s on a CPU)."""
-    steps, iters = (150, 600) if quick else (500, 600)
+    steps, iters = (300, 600) if quick else (600, 600)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small models: thread wake-ups cost more than they save
     try:
