@@ -195,6 +195,10 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             "pi_type": kw.get("pi_type", "trace_norm"),
             "inverse_method": kw.get("inverse_method", "cholesky"),
         }
+        # inverses recomputed on every step are used once: Kron blocks then keep Cholesky
+        # factors and apply them by triangular solves instead of forming explicit inverses
+        self._every_step = inv_interval == 1 or (inv_interval is None and curv_interval == 1)
+        self._solve_opts = {**self.curv_opts, "solve": True}
         self.damping = damping
         self.ema_decay = float(ema)
         self.acc_steps = acc_steps
@@ -336,12 +340,15 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             flat = [t for e in ests if e is not None for t in e.values()]
             all_reduce_mean(flat)
         updated = False
+        new = [v for e in ests if e is not None for v in e.values()]
+        if new and not _finite(new):  # one host read; name the culprit only on failure
+            for b, est in zip(self.blocks, ests):
+                for k, v in (est or {}).items():
+                    if not math.isfinite(float(v.sum())):
+                        raise FloatingPointError(f"non-finite curvature {k!r} in layer {b.name!r}")
         for b, est in zip(self.blocks, ests):
             if est is None:
                 continue
-            for k, v in est.items():
-                if not math.isfinite(float(v.sum())):
-                    raise FloatingPointError(f"non-finite curvature {k!r} in layer {b.name!r}")
             st = self._anchor(b)
             for k, v in est.items():
                 old = st.get("curv_" + k)
@@ -358,7 +365,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         return f or None
 
     def _inv_opts(self) -> dict[str, Any]:
-        return self.curv_opts
+        return self._solve_opts if self._every_step else self.curv_opts
 
     def _invert(self, b: LayerCurvature, damping: float) -> None:
         f = self._factors(b)
