@@ -63,6 +63,8 @@ from optcore.distributed import get_rank, get_world_size
 __all__ = ["KernelModel"]
 
 ScoreFn = Callable[[Tensor, Tensor], Any]
+_MAX_INTERVAL = 64  # longest cost-chosen delayed projection interval
+_HARD_ROUNDS = 5  # an inner solve runs at most this many times inner_max_epochs epochs
 
 
 class KernelModel:
@@ -87,7 +89,10 @@ class KernelModel:
         projection: ``"auto"``, ``"every"`` (solve after every batch) or ``"delayed"``.
         projection_interval: batches between solves in delayed mode (default: by cost).
         inner_tol: relative residual tolerance of the inner EigenPro2 solves.
-        inner_max_epochs: epochs over the centers per inner solve at most.
+        inner_max_epochs: epochs over the centers per inner EigenPro2 run. After each run
+            the exact residual is checked; a solve that misses ``inner_tol`` goes on
+            for up to 5 runs, then falls back to a float64 Cholesky solve when the
+            cached ``K(Z, Z)`` and its factor fit the budget.
         inner_decrease: an inner solve also stops once it has cut its residual by this
             factor; the rest stays in ``u - K(Z, Z) theta`` and is removed by later
             warm-started solves (``0``: always solve to ``inner_tol``).
@@ -162,6 +167,7 @@ class KernelModel:
             )
         self.inner_solver = inner_solver
         self._chol: Tensor | None = None
+        self._chol_fallback = False
         self.verbose = verbose
         self.seed = seed
         self.world_size, self.rank = get_world_size(), get_rank()
@@ -210,6 +216,8 @@ class KernelModel:
         self._temps_x: list[Tensor] = []
         self._temps_a: list[Tensor] = []
         self._inner_epochs = 2.0
+        self._interval_cap = _MAX_INTERVAL
+        self.last_inner: dict[str, float] = {}
         self._since_solve = 0
         m_star = self.nystrom.critical_batch_size()
         n = len(self.X) if self.X is not None else m_star
@@ -276,49 +284,92 @@ class KernelModel:
         if self.projection == "every" or self.world_size > 1:
             return 1
         if self.projection_interval is not None:
-            return self.projection_interval
+            return min(self.projection_interval, self._interval_cap)
         p, d, c = self.centers.p, self.centers.d, self.n_outputs
         per_epoch = p * p * (c if self.centers.cache is not None else d + c)
         solve = max(self._inner_epochs, 1.0) * 2.0 * per_epoch
         if self.inner_solver == "cholesky":
             solve = 2.0 * p * p * c
-        t_max = max(1, min(64, self._budget // max(1, 4 * m * (d + c) * 8)))
+        t_max = max(1, min(self._interval_cap, self._budget // max(1, 4 * m * (d + c) * 8)))
         best_t, best = 1, solve
         for t in range(2, t_max + 1):
             cost = solve / t + m * m * (t - 1) * (d + c)
             if cost < best:
                 best_t, best = t, cost
         if self.projection == "delayed":
-            return max(best_t, 2)
+            return max(best_t, min(2, self._interval_cap))
         return best_t
 
     @torch.no_grad()
     def project(self) -> None:
         """Solve ``K(Z, Z) theta = u`` (warm started) and drop temporary centers.
 
+        The EigenPro2 run stops on stale in-epoch residuals, and a few epochs can
+        leave the true residual several times larger than ``|u|``. So the exact
+        relative residual ``|u - K(Z, Z) theta| / |u|`` is checked after each run
+        of ``inner_max_epochs`` epochs, and the solve goes on (at most
+        ``5 * inner_max_epochs`` epochs) until it meets ``inner_tol``. If it still
+        misses and a float64 Cholesky factor of the cached ``K(Z, Z)`` fits the
+        budget, this and all later projections use Cholesky. A solve needing more
+        than ``inner_max_epochs`` epochs halves the longest cost-chosen delayed
+        interval (a quick one doubles it back, up to 64): shorter intervals give
+        the warm start less to fix. Before this check, projecting an unsolved
+        ``theta`` made long delayed intervals drift or diverge.
+
         On CPU the solve's many small products run on one thread: on a busy
         machine that is several times faster than contended multi-threading.
         """
-        if self.inner_solver == "cholesky":
+        if self.inner_solver == "cholesky" or self._chol_fallback:
             self._cholesky_project()
             return
         ctx = single_thread() if self.main.type == "cpu" else nullcontext()
+        epochs, rel = 0, float("inf")
+        unorm = float(self.u.norm())
         with ctx:
-            info = eigenpro2_solve(
-                self.centers,
-                self.nystrom,
-                self.theta,
-                self.u,
-                self._k_zs,
-                tol=self.inner_tol,
-                max_epochs=self.inner_max_epochs,
-                decrease=self.inner_decrease,
-                generator=self._gen,
-            )
-        self._inner_epochs = 0.7 * self._inner_epochs + 0.3 * info["epochs"]
+            while epochs < _HARD_ROUNDS * self.inner_max_epochs:
+                info = eigenpro2_solve(
+                    self.centers,
+                    self.nystrom,
+                    self.theta,
+                    self.u,
+                    self._k_zs,
+                    tol=self.inner_tol,
+                    max_epochs=self.inner_max_epochs,
+                    decrease=self.inner_decrease,
+                    generator=self._gen,
+                )
+                epochs += int(info["epochs"])
+                res = float((self.u - self._kzz_matmul(self.theta)).norm())
+                rel = res / unorm if unorm > 0 else res
+                if rel <= self.inner_tol or self.inner_decrease > 0:
+                    break
+        if rel > self.inner_tol and self.inner_decrease == 0 and self._can_cholesky():
+            self._cholesky_project()
+            self._chol_fallback = True  # later projections go straight to Cholesky
+            rel = 0.0
+        self.last_inner = {"epochs": float(epochs), "rel_residual": rel}
+        if epochs > self.inner_max_epochs:
+            self._interval_cap = max(1, self._interval_cap // 2)
+        elif epochs <= self.inner_max_epochs // 2:
+            self._interval_cap = min(_MAX_INTERVAL, 2 * self._interval_cap)
+        self._inner_epochs = 0.7 * self._inner_epochs + 0.3 * epochs
         self._temps_x.clear()
         self._temps_a.clear()
         self._since_solve = 0
+
+    def _kzz_matmul(self, w: Tensor) -> Tensor:
+        """``K(Z, Z) @ w`` in row blocks (from the cache when there is one)."""
+        p = self.centers.p
+        rows = max(1, min(p, self.batch_size))
+        return torch.cat(
+            [self.centers.cached_matmul(slice(a, min(a + rows, p)), w) for a in range(0, p, rows)]
+        )
+
+    def _can_cholesky(self) -> bool:
+        """Whether a float64 Cholesky factor of the cached ``K(Z, Z)`` fits the budget."""
+        cache = self.centers.cache
+        p = self.centers.p
+        return cache is not None and len(cache) == 1 and 8 * p * p <= self._budget
 
     def _cholesky_project(self) -> None:
         if self._chol is None:
