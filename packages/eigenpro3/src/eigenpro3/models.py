@@ -310,17 +310,18 @@ class KernelModel:
         of ``inner_max_epochs`` epochs, and the solve goes on (at most
         ``5 * inner_max_epochs`` epochs) until it meets ``inner_tol``. If it still
         misses and a float64 Cholesky factor of the cached ``K(Z, Z)`` fits the
-        budget, this and all later projections use Cholesky. A solve needing more
-        than ``inner_max_epochs`` epochs halves the longest cost-chosen delayed
-        interval (a quick one doubles it back, up to 64): shorter intervals give
-        the warm start less to fix. Before this check, projecting an unsolved
-        ``theta`` made long delayed intervals drift or diverge.
+        budget, this and all later projections use Cholesky; otherwise the longest
+        delayed interval is halved (shorter intervals give the warm start less to
+        fix; a solve within ``inner_max_epochs`` epochs doubles it back, up to 64).
+        Before this check, projecting an unsolved ``theta`` made long delayed
+        intervals drift or diverge.
 
         On CPU the solve's many small products run on one thread: on a busy
         machine that is several times faster than contended multi-threading.
         """
         if self.inner_solver == "cholesky" or self._chol_fallback:
             self._cholesky_project()
+            self.last_inner = {"epochs": 0.0, "rel_residual": 0.0}
             return
         ctx = single_thread() if self.main.type == "cpu" else nullcontext()
         epochs, rel = 0, float("inf")
@@ -348,9 +349,9 @@ class KernelModel:
             self._chol_fallback = True  # later projections go straight to Cholesky
             rel = 0.0
         self.last_inner = {"epochs": float(epochs), "rel_residual": rel}
-        if epochs > self.inner_max_epochs:
+        if rel > self.inner_tol:
             self._interval_cap = max(1, self._interval_cap // 2)
-        elif epochs <= self.inner_max_epochs // 2:
+        elif epochs <= self.inner_max_epochs:
             self._interval_cap = min(_MAX_INTERVAL, 2 * self._interval_cap)
         self._inner_epochs = 0.7 * self._inner_epochs + 0.3 * epochs
         self._temps_x.clear()
