@@ -20,7 +20,7 @@ from optcore.curvature import hvp as optcore_hvp
 
 from ._base import PSGDBase, check_positive, check_unit, closure_loss
 from .factors import GEOMETRIES
-from .schedule import check_probability, should_update
+from .schedule import advance, check_probability
 
 __all__ = ["FamilyBase"]
 
@@ -154,16 +154,7 @@ class FamilyBase(PSGDBase):
         returning the loss *without* calling ``backward`` (gradients and Hessian-vector
         products are taken here)."""
         c = self._counters
-        do_update, counter = should_update(
-            self.param_groups[0]["preconditioner_update_probability"],
-            int(c["prob_step"]),
-            int(c["update_counter"]),
-        )
-        c["update_counter"].fill_(counter)
-        c["prob_step"].add_(1)
-        n_upd = int(c["num_updates"])
-        if do_update:
-            c["num_updates"].add_(1)
+        do_update, n_upd = advance(c, self.param_groups[0]["preconditioner_update_probability"])
         balance = do_update and n_upd % 100 == 99
         loss, grads, hvps, vs = self._gradients(closure, do_update, n_upd)
 

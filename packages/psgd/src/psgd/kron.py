@@ -30,7 +30,7 @@ from torch import Tensor
 from . import factors as F
 from ._base import PSGDBase, check_nonneg, check_positive, check_unit, closure_loss
 from ._dist import Ownership
-from .schedule import check_probability, should_update
+from .schedule import advance, check_probability
 
 __all__ = ["Kron"]
 
@@ -202,16 +202,7 @@ class Kron(PSGDBase):
         """One optimization step; ``closure`` (optional) re-evaluates the model and returns the loss."""
         loss = closure_loss(closure)
         c = self._counters
-        do_update, counter = should_update(
-            self.param_groups[0]["preconditioner_update_probability"],
-            int(c["prob_step"]),
-            int(c["update_counter"]),
-        )
-        c["update_counter"].fill_(counter)
-        c["prob_step"].add_(1)
-        n_upd = int(c["num_updates"])
-        if do_update:
-            c["num_updates"].add_(1)
+        do_update, n_upd = advance(c, self.param_groups[0]["preconditioner_update_probability"])
         do_balance = do_update and n_upd % 100 == 99
 
         work: list[tuple[dict[str, Any], Tensor, Tensor, int]] = []

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["ProbSchedule", "precond_update_prob_schedule", "should_update"]
+__all__ = ["ProbSchedule", "advance", "precond_update_prob_schedule", "should_update"]
 
 
 class ProbSchedule:
@@ -106,6 +106,29 @@ def should_update(
         return False, counter
     update = bool(torch.tensor(counter, dtype=torch.float32) >= 1.0 / p)
     return update, (0 if update else counter)
+
+
+def advance(
+    counters: dict[str, Tensor], prob: float | Callable[[int], float | Tensor] | None
+) -> tuple[bool, int]:
+    """Advance an optimizer's step counters by one step, in place.
+
+    ``counters`` holds the 0-dim tensors ``prob_step``, ``update_counter`` and
+    ``num_updates`` kept in optimizer state.
+
+    Returns:
+        ``(update, updates_before)``: whether this step updates the
+        preconditioner, and how many updates preceded it.
+    """
+    update, counter = should_update(
+        prob, int(counters["prob_step"]), int(counters["update_counter"])
+    )
+    counters["update_counter"].fill_(counter)
+    counters["prob_step"].add_(1)
+    before = int(counters["num_updates"])
+    if update:
+        counters["num_updates"].add_(1)
+    return update, before
 
 
 _DEFAULT = ProbSchedule()
