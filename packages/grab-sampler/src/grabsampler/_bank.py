@@ -27,10 +27,12 @@ from torch import Tensor
 
 from grabsampler._rows import DenseRows, Rows
 
-__all__ = ["SMALL_COLS", "AuxBank"]
+__all__ = ["ONE_PRODUCT_COLS", "SMALL_COLS", "AuxBank"]
 
 #: parameter tensors with at most this many entries share one storage block
 SMALL_COLS = 16384
+#: up to this width the small block's matrix is one square product
+ONE_PRODUCT_COLS = 2048
 
 
 class AuxBank:
@@ -69,16 +71,35 @@ class AuxBank:
                 large.append(i)
         #: blocks as lists of parameter indices (the shared small block first)
         self.groups: list[list[int]] = ([small] if small else []) + [[i] for i in large]
+        self.has_small = bool(small)
+        self.cap = 0  # batch rows the small block's workspace has room for
+        self._flat: DenseRows | None = None
         self._alloc([torch.zeros(k, sum(self.sizes[i] for i in g)) for g in self.groups])
 
     def _alloc(self, blocks: list[Tensor]) -> None:
-        self.blocks = [b.to(device=self.device, dtype=self.dtype).contiguous() for b in blocks]
+        blocks = [b.to(device=self.device, dtype=self.dtype) for b in blocks]
+        if self.has_small:
+            # the shared small block lives at the bottom of a workspace whose top
+            # ``cap`` rows receive each batch, so that one product over the
+            # contiguous ``[batch; stored]`` rows gives the whole inner-product matrix
+            first = blocks[0]
+            self.work = torch.empty(
+                self.cap + first.shape[0], first.shape[1], dtype=self.dtype, device=self.device
+            )
+            self.work[self.cap :].copy_(first)
+            blocks[0] = self.work[self.cap :]
+        self.blocks = [b if b.is_contiguous() else b.contiguous() for b in blocks]
         self.buffers: list[Tensor] = [torch.empty(0)] * len(self.sizes)
         for g, blk in zip(self.groups, self.blocks):
             off = 0
             for i in g:
                 self.buffers[i] = blk[:, off : off + self.sizes[i]]
                 off += self.sizes[i]
+
+    def _grow_cap(self, b: int) -> None:
+        """Makes room for batches of ``b`` rows in the small block's workspace."""
+        self.cap = b
+        self._alloc([blk.clone() for blk in self.blocks])
 
     def grow(self, k: int) -> None:
         """Appends zero vectors so that ``k`` are stored (never shrinks)."""
@@ -119,22 +140,63 @@ class AuxBank:
             return None
         return DenseRows(torch.cat([r.x for r in xs], dim=1))  # type: ignore[attr-defined]
 
+    def _small_part(self, rows: Sequence[Rows], g: list[int], b: int, ka: int) -> Tensor | None:
+        """The small block's part of the matrix from one product over the workspace.
+
+        Copies the batch's rows of the small tensors into the top of the
+        workspace (``B`` rows right above the stored vectors), then multiplies the
+        contiguous ``[batch; stored]`` rows by their transpose. Returns None when
+        the rows are not dense tensors of the bank's dtype and device.
+        """
+        xs = [rows[i] for i in g]
+        if not all(
+            isinstance(r, DenseRows) and r.x.dtype == self.dtype and r.x.device == self.device
+            for r in xs
+        ):
+            return None
+        if b > self.cap:
+            self._grow_cap(b)
+        lo = self.cap - b
+        xw = self.work[lo : self.cap]
+        if len(xs) == 1:
+            xw.copy_(xs[0].x)  # type: ignore[attr-defined]
+        else:
+            torch.cat([r.x for r in xs], dim=1, out=xw)  # type: ignore[attr-defined]
+        self._flat = DenseRows(xw)
+        z = self.work[lo : self.cap + ka]
+        if xw.shape[1] <= ONE_PRODUCT_COLS or ka == 0:
+            return z @ z.T
+        # at larger widths a (B + k_a, B) product plus a (k_a, k_a) one is faster than
+        # one square product (BLAS kernels favour B = 16 columns)
+        f = torch.mm(z, xw.T)
+        act = self.blocks[0][:ka]
+        return torch.cat([f, torch.cat([f[b:].T, act @ act.T])], dim=1)
+
     @torch.no_grad()
-    def batch_gram(self, rows: Sequence[Rows]) -> tuple[Tensor, list[Rows | None]]:
-        """Inner products of ``[rows; stored vectors]`` as a float64 CPU matrix.
+    def gram_lists(self, rows: Sequence[Rows]) -> tuple[list[list[float]], list[Rows | None]]:
+        """Inner products of ``[rows; stored vectors]`` as nested lists of host floats.
 
         Args:
             rows: one :class:`~grabsampler._rows.Rows` per parameter tensor.
 
         Returns:
-            The ``(B + k_a, B + k_a)`` float64 CPU matrix (``k_a = k - passive``),
-            and the per-block rows to hand back to :meth:`apply`.
+            The ``(B + k_a) x (B + k_a)`` matrix (``k_a = k - passive``) read back
+            with one device-to-host copy, and the per-block rows to hand back to
+            :meth:`apply`.
         """
         k = self.k
         ka = k - self.passive
+        b = rows[0].batch_size
         parts: list[Tensor] = []
         brows: list[Rows | None] = []
-        for g, blk in zip(self.groups, self.blocks):
+        for gi, g in enumerate(self.groups):
+            if gi == 0 and self.has_small:
+                part = self._small_part(rows, g, b, ka)
+                if part is not None:
+                    parts.append(part)
+                    brows.append(self._flat)
+                    continue
+            blk = self.blocks[gi]
             br = self._block_rows(rows, g)
             brows.append(br)
             pairs = [(br, blk)] if br is not None else [(rows[i], self.buffers[i]) for i in g]
@@ -146,16 +208,23 @@ class AuxBank:
                     # three products are faster than one on [x; act] (B = 16 rows hit
                     # the BLAS kernels' sweet spot, B + 2 rows do not)
                     gm = x @ x.T
-                    h = x @ act.T
+                    h = torch.mm(act, x.T).T
                 else:
                     gm = r.gram()
                     h = r.cross(act).to(gm.dtype)
                 ss = (act @ act.T).to(gm.dtype)
                 top = torch.cat([gm, h], dim=1)
                 low = torch.cat([h.T, ss], dim=1)
-                parts.append(torch.cat([top, low]).to(torch.float64))
-        full = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
-        return full.cpu(), brows
+                parts.append(torch.cat([top, low]))
+        if len(parts) == 1:
+            return parts[0].tolist(), brows
+        full = torch.stack([p.to(torch.float64) for p in parts]).sum(0)
+        return full.tolist(), brows
+
+    def batch_gram(self, rows: Sequence[Rows]) -> tuple[Tensor, list[Rows | None]]:
+        """:meth:`gram_lists` as a float64 CPU tensor."""
+        g, brows = self.gram_lists(rows)
+        return torch.tensor(g, dtype=torch.float64), brows
 
     @torch.no_grad()
     def apply(
@@ -163,7 +232,7 @@ class AuxBank:
         rows: Sequence[Rows],
         brows: Sequence[Rows | None],
         changed: Sequence[int],
-        wx: Tensor,
+        wx: Tensor | list[list[float]],
         terms: Sequence[tuple[int, int, float]] = (),
     ) -> None:
         """Adds ``wx @ rows`` (plus multiples of stored vectors) to the vectors ``changed``.
@@ -172,12 +241,15 @@ class AuxBank:
             rows: the batch the weights refer to (one per parameter tensor).
             brows: the per-block rows returned by :meth:`batch_gram`.
             changed: indices of the stored vectors that change.
-            wx: ``(len(changed), B)`` float64 weights of the batch rows.
+            wx: ``(len(changed), B)`` weights of the batch rows (tensor or nested lists).
             terms: ``(j, i, c)``: add ``c`` times stored vector ``i`` to ``changed[j]``.
         """
         if not changed:
             return
-        wx_dev = wx.to(device=self.device, dtype=self.dtype)
+        if isinstance(wx, Tensor):
+            wx_dev = wx.to(device=self.device, dtype=self.dtype)
+        else:
+            wx_dev = torch.tensor(wx, dtype=self.dtype, device=self.device)
         lo, hi = changed[0], changed[-1] + 1
         contiguous = list(changed) == list(range(lo, hi))
         for g, blk, br in zip(self.groups, self.blocks, brows):

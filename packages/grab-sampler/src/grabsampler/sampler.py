@@ -16,6 +16,7 @@ takes effect when the next iterator is created.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
 from typing import Any
 
@@ -225,11 +226,13 @@ class GraBSampler(Sampler[int]):
         k = self.balancer.aux_rows(b)
         if k > self.bank.k:
             self.bank.grow(k)
-        gram, brows = self.bank.batch_gram(rows)
-        if not bool(torch.isfinite(gram[:b]).all()):
+        g, brows = self.bank.gram_lists(rows)
+        # a nan or inf entry (or a square that overflows) makes the sum non-finite
+        if not math.isfinite(sum(map(sum, g[:b]))):
             raise ValueError(
                 "per_sample_grads contain non-finite values (inf or nan, or too large to square)"
             )
+        gram = g if self.balancer.host_gram else torch.tensor(g, dtype=torch.float64)
         update = self.balancer.step(gram, indices)
         if update is not None:
             self.bank.apply(rows, brows, *update)

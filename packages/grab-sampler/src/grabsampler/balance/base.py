@@ -29,12 +29,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Balancer", "Decider", "TwoEnded", "Update", "split_delta"]
+__all__ = ["Balancer", "Decider", "Gram", "TwoEnded", "Update", "gram_tensor", "split_delta"]
 
 #: change of the stored vectors: (indices ``changed`` of the vectors that change,
 #: weights ``(len(changed), B)`` of the batch rows, terms ``(j, i, c)`` adding
 #: ``c`` times stored vector ``i`` to vector ``changed[j]``)
-Update = tuple[list[int], Tensor, list[tuple[int, int, float]]]
+Update = tuple[list[int], Tensor | list[list[float]], list[tuple[int, int, float]]]
+
+#: the inner-product matrix handed to :meth:`Balancer.step`: nested lists of floats
+#: for balancers with ``host_gram = True``, else a float64 tensor
+Gram = Tensor | list[list[float]]
+
+
+def gram_tensor(gram: Gram) -> Tensor:
+    """The inner-product matrix as a float64 tensor."""
+    return gram if isinstance(gram, Tensor) else torch.tensor(gram, dtype=torch.float64)
 
 
 def split_delta(delta: Tensor, b: int) -> Update:
@@ -182,6 +191,8 @@ class Balancer:
     uses_gradients = True
     #: trailing stored vectors that never enter inner products
     passive = 0
+    #: ``step`` takes the inner-product matrix as nested lists of floats (else a tensor)
+    host_gram = False
 
     def __init__(self, n: int, decider: Decider) -> None:
         self.n = n
@@ -194,7 +205,7 @@ class Balancer:
     def start_epoch(self, order: list[int]) -> None:
         raise NotImplementedError
 
-    def step(self, gram: Tensor, indices: list[int]) -> Update | None:
+    def step(self, gram: Gram, indices: list[int]) -> Update | None:
         """Balances one batch; returns the change of the stored vectors."""
         raise NotImplementedError
 

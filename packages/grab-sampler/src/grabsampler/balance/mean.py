@@ -16,12 +16,13 @@ Reference:
 from __future__ import annotations
 
 import math
+from operator import mul
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from grabsampler.balance.base import Balancer, TwoEnded, Update
+from grabsampler.balance.base import Balancer, Gram, TwoEnded, Update
 
 __all__ = ["MeanBalance"]
 
@@ -33,6 +34,7 @@ class MeanBalance(Balancer):
 
     name = "mean"
     sequential = True
+    host_gram = True
 
     def __init__(self, n: int, decider: Any) -> None:
         super().__init__(n, decider)
@@ -50,40 +52,43 @@ class MeanBalance(Balancer):
         self.count = 0
         self.sigma = 0.0
 
-    def step(self, gram: Tensor, indices: list[int]) -> Update:
+    def step(self, gram: Gram, indices: list[int]) -> Update:
         b = len(indices)
-        g = gram.tolist()
-        mrow = g[b + M]
-        mm = mrow[b + M]
+        g = gram if isinstance(gram, list) else gram.tolist()
+        mrow, urow = g[b + M], g[b + U]
+        mm, um = mrow[b + M], urow[b + M]
         rm = mrow[:b]  # <x_i, m>
-        # <s, x_i - m> with s = u - sigma m, and the centered Gram, in plain floats
+        # <s, c_i> with s = u - sigma m and c_i = x_i - m
         sig = self.sigma
-        um = g[b + U][b + M]
-        al = [g[i][b + U] - sig * rm[i] - um + sig * mm for i in range(b)]
+        a0 = [r - sig * q - um + sig * mm for r, q in zip(urow[:b], rm)]
+        normalize = self.decider.normalize
         sc = [1.0] * b
-        if self.decider.normalize:
+        if normalize:
             sq = [g[i][i] - 2 * rm[i] + mm for i in range(b)]
             sc = [1.0 / math.sqrt(q) if q > 0 else 0.0 for q in sq]
-            al = [a * c for a, c in zip(al, sc)]
         us = self.decider.uniforms(b)
-        eps: list[int] = []
         greedy = not self.decider.probabilistic
-        for i in range(b):
-            e = (1 if al[i] < 0 else -1) if greedy else self.decider.sign(al[i], us[i])
-            eps.append(e)
-            if self.sequential and i + 1 < b:
-                gi, base, ci = g[i], rm[i] - mm, e * sc[i]
-                al[i + 1 :] = [
-                    a + ci * c * (gij - base - rj)
-                    for a, c, gij, rj in zip(al[i + 1 :], sc[i + 1 :], gi[i + 1 : b], rm[i + 1 :])
-                ]
-        for i, e in zip(indices, eps):
-            self.place.put(i, e)
-        w = [e * c for e, c in zip(eps, sc)]
-        wx = torch.tensor([w, [1.0] * b], dtype=torch.float64)
+        sequential = self.sequential
+        # w: weights of this batch's (centered) examples in the running sum so far;
+        # <sum_i w_i c_i, c_j> = sum_i w_i <x_i, x_j> - sum_i w_i <x_i, m>
+        #                        - (sum_i w_i) (<x_j, m> - <m, m>)
+        w = [0.0] * b
+        wsum = wm = 0.0
+        for j in range(b):
+            dot = a0[j]
+            if sequential and j:
+                dot += sum(map(mul, w, g[j])) - wm - wsum * (rm[j] - mm)
+            if normalize:
+                dot *= sc[j]
+            e = (1 if dot < 0 else -1) if greedy else self.decider.sign(dot, us[j])
+            wj = e * sc[j]
+            w[j] = wj
+            wsum += wj
+            wm += wj * rm[j]
+            self.place.put(indices[j], e)
         self.count += b
-        self.sigma += sum(w)  # s += sum_i w_i (x_i - m): u += sum_i w_i x_i, sigma += sum_i w_i
-        return [U, T], wx, []
+        self.sigma += wsum  # s += sum_i w_i (x_i - m): u += sum_i w_i x_i, sigma += sum_i w_i
+        return [U, T], [w, [1.0] * b], []
 
     def end_epoch(self, unvisited: list[int]) -> tuple[list[int], Tensor]:
         order = self.place.finish(unvisited)

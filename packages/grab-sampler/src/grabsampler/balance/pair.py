@@ -17,12 +17,13 @@ Reference:
 from __future__ import annotations
 
 import math
+from operator import mul
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from grabsampler.balance.base import Balancer, TwoEnded, Update
+from grabsampler.balance.base import Balancer, Gram, TwoEnded, Update
 
 __all__ = ["PairBalance", "pair_up"]
 
@@ -39,6 +40,7 @@ class PairBalance(Balancer):
     """Greedy balancing of differences of consecutive gradients."""
 
     name = "pair"
+    host_gram = True
 
     def __init__(self, n: int, decider: Any) -> None:
         super().__init__(n, decider)
@@ -52,9 +54,9 @@ class PairBalance(Balancer):
         self.place = TwoEnded(len(order))
         self.cache_index = -1
 
-    def step(self, gram: Tensor, indices: list[int]) -> Update:
+    def step(self, gram: Gram, indices: list[int]) -> Update:
         b = len(indices)
-        g = gram.tolist()
+        g = gram if isinstance(gram, list) else gram.tolist()
         has_cache = self.cache_index >= 0
         rows = ([b + CACHE] if has_cache else []) + list(range(b))
         ids = ([self.cache_index] if has_cache else []) + list(indices)
@@ -62,38 +64,36 @@ class PairBalance(Balancer):
         ru = [rows[u] for u, _ in pairs]
         rv = [rows[v] for _, v in pairs]
         sr = b + S
-        al = [g[u][sr] - g[v][sr] for u, v in zip(ru, rv)]
-
-        def inner(k: int, l: int) -> float:  # <x_u_k - x_v_k, x_u_l - x_v_l>
-            gu, gv = g[ru[k]], g[rv[k]]
-            return gu[ru[l]] - gu[rv[l]] - gv[ru[l]] + gv[rv[l]]
-
         npairs = len(pairs)
+        normalize = self.decider.normalize
         sc = [1.0] * npairs
-        if self.decider.normalize:
-            sq = [inner(k, k) for k in range(npairs)]
+        if normalize:
+            sq = [g[u][u] - 2 * g[u][v] + g[v][v] for u, v in zip(ru, rv)]
             sc = [1.0 / math.sqrt(q) if q > 0 else 0.0 for q in sq]
-            al = [a * c for a, c in zip(al, sc)]
         us = self.decider.uniforms(npairs)
+        # y: the balanced sum of this batch so far, as coefficients of the rows;
+        # <y, x_u - x_v> = sum_r y_r (<x_r, x_u> - <x_r, x_v>)
+        y = [0.0] * len(g)
         eps: list[int] = []
-        for k in range(npairs):
-            e = self.decider.sign(al[k], us[k] if us else None)
+        for k, (u, v) in enumerate(zip(ru, rv)):
+            gu, gv = g[u], g[v]
+            dot = gu[sr] - gv[sr]
+            if k:
+                dot += sum(map(mul, y, gu)) - sum(map(mul, y, gv))
+            if normalize:
+                dot *= sc[k]
+            e = self.decider.sign(dot, us[k] if us else None)
             eps.append(e)
-            ck = e * sc[k]
-            for l in range(k + 1, npairs):
-                al[l] += ck * sc[l] * inner(k, l)
+            w = e * sc[k]
+            y[u] += w
+            y[v] -= w
         for (u, v), e in zip(pairs, eps):
             self.place.put(ids[u], e)
             self.place.put(ids[v], -e)
-        wx = [[0.0] * b, [0.0] * b]
+        wx = [y[:b], [0.0] * b]
         terms: list[tuple[int, int, float]] = []
-        for k, e in enumerate(eps):
-            w = e * sc[k]
-            if ru[k] < b:
-                wx[0][ru[k]] += w
-            else:
-                terms.append((0, CACHE, w))
-            wx[0][rv[k]] -= w
+        if has_cache and y[b + CACHE] != 0.0:
+            terms.append((0, CACHE, y[b + CACHE]))
         if has_cache:
             terms.append((1, CACHE, -1.0))
         if left is not None:
@@ -101,7 +101,7 @@ class PairBalance(Balancer):
             self.cache_index = ids[left]
         else:
             self.cache_index = -1
-        return [S, CACHE], torch.tensor(wx, dtype=torch.float64), terms
+        return [S, CACHE], wx, terms
 
     def end_epoch(self, unvisited: list[int]) -> tuple[list[int], Tensor]:
         middle = ([self.cache_index] if self.cache_index >= 0 else []) + unvisited

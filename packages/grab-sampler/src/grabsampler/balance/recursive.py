@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from grabsampler.balance.base import Balancer, Decider, Update, split_delta
+from grabsampler.balance.base import Balancer, Decider, Gram, Update, gram_tensor, split_delta
 
 __all__ = ["RecursiveBalance"]
 
@@ -62,7 +62,8 @@ class RecursiveBalance(Balancer):
         self._reset_leaves()
         self.count = 0
 
-    def step(self, gram: Tensor, indices: list[int]) -> Update:
+    def step(self, gram_in: Gram, indices: list[int]) -> Update:
+        gram = gram_tensor(gram_in)
         b = len(indices)
         k = self.nodes + 2
         if gram.shape[0] < b + k:  # the passive row is not part of the Gram matrix

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from grabsampler.balance.base import Balancer, Update, split_delta
+from grabsampler.balance.base import Balancer, Gram, Update, gram_tensor, split_delta
 from grabsampler.balance.pair import pair_up
 
 __all__ = ["RecursivePairBalance"]
@@ -46,7 +46,8 @@ class RecursivePairBalance(Balancer):
     def start_epoch(self, order: list[int]) -> None:
         self.batches = []
 
-    def step(self, gram: Tensor, indices: list[int]) -> Update:
+    def step(self, gram_in: Gram, indices: list[int]) -> Update:
+        gram = gram_tensor(gram_in)
         b = len(indices)
         k = gram.shape[0] - b
         delta = torch.zeros(k, b + k, dtype=torch.float64)

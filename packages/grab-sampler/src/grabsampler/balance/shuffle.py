@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
 
-from grabsampler.balance.base import Balancer, Decider
+from grabsampler.balance.base import Balancer, Decider, Gram
 
 __all__ = ["RandomReshuffling", "ShuffleOnce"]
 
@@ -21,7 +20,7 @@ class RandomReshuffling(Balancer):
     def start_epoch(self, order: list[int]) -> None:
         return None
 
-    def step(self, gram: Tensor, indices: list[int]) -> None:
+    def step(self, gram: Gram, indices: list[int]) -> None:
         return None
 
     def end_epoch(self, unvisited: list[int]) -> tuple[list[int], None]:
@@ -42,7 +41,7 @@ class ShuffleOnce(Balancer):
         if not self.fixed:
             self.fixed = list(order)
 
-    def step(self, gram: Tensor, indices: list[int]) -> None:
+    def step(self, gram: Gram, indices: list[int]) -> None:
         return None
 
     def end_epoch(self, unvisited: list[int]) -> tuple[list[int], None]:
