@@ -105,14 +105,23 @@ def test_eigenpro3_with_ridge_matches_closed_form() -> None:
 
 def test_sharded_centers_give_same_model() -> None:
     X, y, Z = _problem(p=40)
-    kw = dict(bandwidth=2.0, batch_size=50, projection="every", verbose=False, seed=3)
+    kw = dict(
+        bandwidth=2.0,
+        batch_size=50,
+        projection="every",
+        inner_solver="eigenpro2",
+        verbose=False,
+        seed=3,
+    )
     one = KernelModel(2, Z, "laplacian", **kw)
     two = KernelModel(2, Z, "laplacian", devices=["cpu", "cpu", "cpu"], cache=False, **kw)
     assert len(two.centers.shards) == 3
     batches = [(X[i : i + 50], y[i : i + 50]) for i in range(0, 150, 50)]
     one.fit_epoch([batches])
     two.fit_epoch([batches])
-    torch.testing.assert_close(one.weights, two.weights, rtol=1e-7, atol=1e-9)
+    # cached vs recomputed K(Z, Z): the sqrt of the rounded |z|^2 + |z|^2 - 2 z.z on the
+    # diagonal differs by ~1e-8 between the two paths, so not bitwise equal
+    torch.testing.assert_close(one.weights, two.weights, rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(one.predict(X), two.predict(X), rtol=1e-7, atol=1e-9)
 
 
@@ -165,6 +174,6 @@ def test_cholesky_inner_solver_converges_and_rejects_no_cache() -> None:
         verbose=False,
     )
     assert _train(model, X, y, exact, 200) < 1e-3
-    bad = KernelModel(2, Z, "laplacian", cache=False, inner_solver="cholesky", verbose=False)
+    # the factor is computed at construction, so a missing cache is reported there
     with pytest.raises(ValueError, match="inner_solver='cholesky' needs the cached"):
-        bad.fit_batch(X[:10], y[:10])
+        KernelModel(2, Z, "laplacian", cache=False, inner_solver="cholesky", verbose=False)

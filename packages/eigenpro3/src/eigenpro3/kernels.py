@@ -21,6 +21,7 @@ from torch import Tensor
 __all__ = [
     "KERNELS",
     "KernelFn",
+    "RadialKernel",
     "dispersal",
     "gaussian",
     "get_kernel",
@@ -47,27 +48,106 @@ def _check_bandwidth(bandwidth: float) -> None:
 def squared_distances(x: Tensor, z: Tensor) -> Tensor:
     """Pairwise squared Euclidean distances ``|x_i - z_j|^2`` as an (n, m) block.
 
-    Computed as ``|x|^2 + |z|^2 - 2 x z^T`` with a single ``addmm`` and clamped
-    at zero to remove negative rounding.
+    Computed as ``|x|^2 + |z|^2 - 2 x z^T`` by one matrix product of the
+    augmented rows ``[-2 x, |x|^2, 1]`` and ``[z, 1, |z|^2]``, clamped at zero
+    to remove negative rounding.
     """
     _check_pair(x, z)
-    xx = (x * x).sum(dim=1, keepdim=True)
-    zz = (z * z).sum(dim=1).unsqueeze(0)
-    out = torch.addmm(zz, x, z.T, beta=1.0, alpha=-2.0)
-    out.add_(xx)
+    out = torch.mm(_augment_rows(x, 1.0), _augment_centers(z, 1.0))
     return out.clamp_(min=0.0)
+
+
+def _augment_rows(x: Tensor, scale: float) -> Tensor:
+    """``[-2 s x, s^2 |x|^2, 1]`` (n, d + 2) for the one-product distance expansion."""
+    n, d = x.shape
+    out = torch.empty(n, d + 2, dtype=x.dtype, device=x.device)
+    torch.mul(x, -2.0 * scale, out=out[:, :d])
+    out[:, d] = x.pow(2).sum(1).mul_(scale * scale)
+    out[:, d + 1] = 1.0
+    return out
+
+
+def _augment_centers(z: Tensor, scale: float) -> Tensor:
+    """``[s z, 1, s^2 |z|^2]^T`` (d + 2, m), contiguous."""
+    m, d = z.shape
+    out = torch.empty(d + 2, m, dtype=z.dtype, device=z.device)
+    out[:d] = z.T * scale
+    out[d] = 1.0
+    out[d + 1] = z.pow(2).sum(1).mul_(scale * scale)
+    return out
+
+
+class RadialKernel:
+    """``K(x, z) = exp(-(c |x - z|^2)^a)``: Laplacian, Gaussian and dispersal kernels.
+
+    Blocks are evaluated with one matrix product into an optionally
+    preallocated output (:meth:`block`), followed by in-place elementwise
+    passes (``clamp_``, ``sqrt_`` / ``pow_``, ``neg_``, ``exp_``); the centers'
+    augmented, transposed form is computed once by :meth:`prepare`.
+
+    Args:
+        name: ``"laplacian"`` (``a = 1/2``, ``c = 1 / bandwidth^2``),
+            ``"gaussian"`` (``a = 1``, ``c = 1 / (2 bandwidth^2)``) or
+            ``"dispersal"`` (``a = gamma / 2``, ``c = 1 / bandwidth^2``).
+        bandwidth: positive bandwidth.
+        gamma: exponent of the dispersal kernel, in ``(0, 2]``.
+    """
+
+    def __init__(self, name: str, bandwidth: float = 1.0, gamma: float = 1.5) -> None:
+        _check_bandwidth(bandwidth)
+        if name == "laplacian":
+            c, a = 1.0 / bandwidth**2, 0.5
+        elif name == "gaussian":
+            c, a = 0.5 / bandwidth**2, 1.0
+        elif name == "dispersal":
+            if not 0.0 < gamma <= 2.0:
+                raise ValueError(f"gamma must lie in (0, 2], got {gamma}")
+            c, a = 1.0 / bandwidth**2, 0.5 * gamma
+        else:
+            raise ValueError(f"Unknown radial kernel {name!r}")
+        self.name, self.bandwidth, self.gamma = name, float(bandwidth), float(gamma)
+        self.scale = math.sqrt(c)
+        self.power = a
+
+    def __repr__(self) -> str:
+        extra = f", gamma={self.gamma}" if self.name == "dispersal" else ""
+        return f"RadialKernel({self.name!r}, bandwidth={self.bandwidth}{extra})"
+
+    def prepare(self, z: Tensor) -> Tensor:
+        """Centers in the form :meth:`block` takes: (d + 2, m) augmented and transposed."""
+        if z.dim() != 2:
+            raise ValueError(f"z must be 2-D, got shape {tuple(z.shape)}")
+        return _augment_centers(z, self.scale)
+
+    def block(self, x: Tensor, z_prepared: Tensor, out: Tensor | None = None) -> Tensor:
+        """``K(x, z)`` for centers prepared by :meth:`prepare`, written into ``out`` if given."""
+        if x.dim() != 2 or x.shape[1] + 2 != z_prepared.shape[0]:
+            raise ValueError(
+                f"x has shape {tuple(x.shape)} but the prepared centers have "
+                f"{z_prepared.shape[0] - 2} features"
+            )
+        xa = _augment_rows(x, self.scale)
+        out = torch.mm(xa, z_prepared) if out is None else torch.mm(xa, z_prepared, out=out)
+        out.clamp_(min=0.0)
+        if self.power == 0.5:
+            out.sqrt_()
+        elif self.power != 1.0:
+            out.pow_(self.power)
+        return out.neg_().exp_()
+
+    def __call__(self, x: Tensor, z: Tensor) -> Tensor:
+        _check_pair(x, z)
+        return self.block(x, self.prepare(z))
 
 
 def laplacian(x: Tensor, z: Tensor, bandwidth: float = 1.0) -> Tensor:
     """Laplacian kernel ``exp(-|x - z| / bandwidth)``."""
-    _check_bandwidth(bandwidth)
-    return squared_distances(x, z).sqrt_().mul_(-1.0 / bandwidth).exp_()
+    return RadialKernel("laplacian", bandwidth)(x, z)
 
 
 def gaussian(x: Tensor, z: Tensor, bandwidth: float = 1.0) -> Tensor:
     """Gaussian kernel ``exp(-|x - z|^2 / (2 bandwidth^2))``."""
-    _check_bandwidth(bandwidth)
-    return squared_distances(x, z).mul_(-0.5 / bandwidth**2).exp_()
+    return RadialKernel("gaussian", bandwidth)(x, z)
 
 
 def dispersal(x: Tensor, z: Tensor, bandwidth: float = 1.0, gamma: float = 1.5) -> Tensor:
@@ -76,11 +156,7 @@ def dispersal(x: Tensor, z: Tensor, bandwidth: float = 1.0, gamma: float = 1.5) 
     Positive definite for ``0 < gamma <= 2``; ``gamma = 1`` is the Laplacian and
     ``gamma = 2`` a Gaussian with bandwidth ``bandwidth / sqrt(2)``.
     """
-    _check_bandwidth(bandwidth)
-    if not 0.0 < gamma <= 2.0:
-        raise ValueError(f"gamma must lie in (0, 2], got {gamma}")
-    d2 = squared_distances(x, z).mul_(1.0 / bandwidth**2)
-    return d2.pow_(0.5 * gamma).neg_().exp_()
+    return RadialKernel("dispersal", bandwidth, gamma)(x, z)
 
 
 def _kappa0(u: Tensor) -> Tensor:
@@ -143,6 +219,8 @@ def get_kernel(kernel: str | KernelFn, **kwargs: float) -> KernelFn:
     if isinstance(kernel, str):
         if kernel not in KERNELS:
             raise ValueError(f"Unknown kernel_fn {kernel!r}; expected one of {sorted(KERNELS)}")
+        if kernel in ("laplacian", "gaussian", "dispersal"):
+            return RadialKernel(kernel, **kwargs)
         return partial(KERNELS[kernel], **kwargs)
     if not callable(kernel):
         raise TypeError(f"kernel_fn must be a kernel name or a callable, got {type(kernel)}")

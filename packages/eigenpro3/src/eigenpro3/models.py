@@ -32,7 +32,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import nullcontext
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -50,21 +49,14 @@ from eigenpro3.blocks import (
     rows_for_budget,
 )
 from eigenpro3.datasets import batch_loader
-from eigenpro3.eigenpro2 import eigenpro2_solve
 from eigenpro3.kernels import KernelFn, get_kernel
-from eigenpro3.preconditioner import (
-    Nystrom,
-    build_nystrom,
-    preconditioned_top_eigenvalue,
-    single_thread,
-)
+from eigenpro3.preconditioner import Nystrom, build_nystrom, preconditioned_top_eigenvalue
+from eigenpro3.projection import Projector, choose_interval
 from optcore.distributed import get_rank, get_world_size
 
 __all__ = ["KernelModel"]
 
 ScoreFn = Callable[[Tensor, Tensor], Any]
-_MAX_INTERVAL = 64  # longest cost-chosen delayed projection interval
-_HARD_ROUNDS = 5  # an inner solve runs at most this many times inner_max_epochs epochs
 
 
 class KernelModel:
@@ -96,9 +88,11 @@ class KernelModel:
         inner_decrease: an inner solve also stops once it has cut its residual by this
             factor; the rest stays in ``u - K(Z, Z) theta`` and is removed by later
             warm-started solves (``0``: always solve to ``inner_tol``).
-        inner_solver: ``"eigenpro2"`` (default, O(p) extra memory) or ``"cholesky"``:
-            one float64 Cholesky factorization of the cached ``K(Z, Z)`` (needs
-            ``cache`` and one device; O(p^2) memory), then exact triangular solves.
+        inner_solver: ``"auto"`` (default: ``"cholesky"`` when the cached ``K(Z, Z)``
+            and a Cholesky factor fit the budget on one device, else ``"eigenpro2"``),
+            ``"eigenpro2"`` (O(p) extra memory) or ``"cholesky"``: one Cholesky
+            factorization at construction, then exact triangular solves (see
+            :mod:`eigenpro3.projection`).
         cache: cache ``K(Z, Z)``: ``"auto"`` (when it fits half the budget), ``True``, ``False``.
         seed: seed of the Nystrom subsample, the loaders and the inner batch order.
         verbose: show tqdm progress bars.
@@ -128,7 +122,7 @@ class KernelModel:
         inner_tol: float = 1e-3,
         inner_max_epochs: int = 10,
         inner_decrease: float = 0.0,
-        inner_solver: str = "eigenpro2",
+        inner_solver: str = "auto",
         cache: bool | str = "auto",
         seed: int = 0,
         verbose: bool = True,
@@ -161,13 +155,10 @@ class KernelModel:
         self.inner_tol = inner_tol
         self.inner_max_epochs = inner_max_epochs
         self.inner_decrease = inner_decrease
-        if inner_solver not in ("eigenpro2", "cholesky"):
+        if inner_solver not in ("auto", "eigenpro2", "cholesky"):
             raise ValueError(
-                f"inner_solver must be 'eigenpro2' or 'cholesky', got {inner_solver!r}"
+                f"inner_solver must be 'auto', 'eigenpro2' or 'cholesky', got {inner_solver!r}"
             )
-        self.inner_solver = inner_solver
-        self._chol: Tensor | None = None
-        self._chol_fallback = False
         self.verbose = verbose
         self.seed = seed
         self.world_size, self.rank = get_world_size(), get_rank()
@@ -198,6 +189,13 @@ class KernelModel:
         use_cache = cache is True or (cache == "auto" and p * (p + s) * itemsize <= budget // 2)
         if use_cache:
             budget -= p * (p + s) * itemsize
+        if inner_solver == "auto":
+            one = len(self.devices) == 1
+            inner_solver = "cholesky" if use_cache and one and 8 * p * p <= budget else "eigenpro2"
+        self.inner_solver = inner_solver
+        factor_budget = budget
+        if inner_solver == "cholesky":
+            budget -= p * p * itemsize
         rows_for_budget(p, itemsize, budget)  # raises when not even one row fits
         self._budget = budget
         self._gen = torch.Generator().manual_seed(seed)
@@ -208,6 +206,16 @@ class KernelModel:
             centers, self.kernel_fn, size=nystrom_size, top_q=top_q, generator=self._gen
         )
         self._refresh_nystrom_blocks()
+        self.projector = Projector(
+            self.centers,
+            solver=inner_solver,
+            budget=factor_budget,
+            tol=inner_tol,
+            max_epochs=inner_max_epochs,
+            decrease=inner_decrease,
+            dtype=self.dtype,
+            generator=self._gen,
+        )
         if self.X is not None:
             self._measure_spectrum(self.X)
         self.theta = torch.zeros(p, c, dtype=self.dtype, device=self.main)
@@ -215,9 +223,6 @@ class KernelModel:
         self.d_s = torch.zeros(len(self.nystrom.idx), c, dtype=self.dtype, device=self.main)
         self._temps_x: list[Tensor] = []
         self._temps_a: list[Tensor] = []
-        self._inner_epochs = 2.0
-        self._interval_cap = _MAX_INTERVAL
-        self.last_inner: dict[str, float] = {}
         self._since_solve = 0
         m_star = self.nystrom.critical_batch_size()
         n = len(self.X) if self.X is not None else m_star
@@ -281,112 +286,42 @@ class KernelModel:
     # -------------------------------------------------------------- training
     def _interval(self, m: int) -> int:
         """Batches between projections: 1 (every batch) or a cost-minimizing ``T``."""
+        pr = self.projector
         if self.projection == "every" or self.world_size > 1:
             return 1
         if self.projection_interval is not None:
-            return min(self.projection_interval, self._interval_cap)
-        p, d, c = self.centers.p, self.centers.d, self.n_outputs
-        per_epoch = p * p * (c if self.centers.cache is not None else d + c)
-        solve = max(self._inner_epochs, 1.0) * 2.0 * per_epoch
-        if self.inner_solver == "cholesky":
-            solve = 2.0 * p * p * c
-        t_max = max(1, min(self._interval_cap, self._budget // max(1, 4 * m * (d + c) * 8)))
-        best_t, best = 1, solve
-        for t in range(2, t_max + 1):
-            cost = solve / t + m * m * (t - 1) * (d + c)
-            if cost < best:
-                best_t, best = t, cost
+            return min(self.projection_interval, pr.interval_cap)
+        best_t = choose_interval(
+            p=self.centers.p,
+            d=self.centers.d,
+            c=self.n_outputs,
+            m=m,
+            solve_epochs=pr.inner_epochs,
+            cached=self.centers.cache is not None,
+            exact=pr.exact,
+            cap=pr.interval_cap,
+            budget=self._budget,
+        )
         if self.projection == "delayed":
-            return max(best_t, min(2, self._interval_cap))
+            return max(best_t, min(2, pr.interval_cap))
         return best_t
+
+    @property
+    def last_inner(self) -> dict[str, float]:
+        """The last projection's inner ``epochs`` and exact ``rel_residual``."""
+        return self.projector.last
 
     @torch.no_grad()
     def project(self) -> None:
         """Solve ``K(Z, Z) theta = u`` (warm started) and drop temporary centers.
 
-        The EigenPro2 run stops on stale in-epoch residuals, and a few epochs can
-        leave the true residual several times larger than ``|u|``. So the exact
-        relative residual ``|u - K(Z, Z) theta| / |u|`` is checked after each run
-        of ``inner_max_epochs`` epochs, and the solve goes on (at most
-        ``5 * inner_max_epochs`` epochs) until it meets ``inner_tol``. If it still
-        misses and a float64 Cholesky factor of the cached ``K(Z, Z)`` fits the
-        budget, this and all later projections use Cholesky; otherwise the longest
-        delayed interval is halved (shorter intervals give the warm start less to
-        fix; a solve within ``inner_max_epochs`` epochs doubles it back, up to 64).
-        Before this check, projecting an unsolved ``theta`` made long delayed
-        intervals drift or diverge.
-
-        On CPU the solve's many small products run on one thread: on a busy
-        machine that is several times faster than contended multi-threading.
+        See :mod:`eigenpro3.projection` for the solvers and the exact-residual
+        check of the EigenPro2 solve (before that check, projecting an unsolved
+        ``theta`` made long delayed intervals drift or diverge).
         """
-        if self.inner_solver == "cholesky" or self._chol_fallback:
-            self._cholesky_project()
-            self.last_inner = {"epochs": 0.0, "rel_residual": 0.0}
-            return
-        ctx = single_thread() if self.main.type == "cpu" else nullcontext()
-        epochs, rel = 0, float("inf")
-        unorm = float(self.u.norm())
-        with ctx:
-            while epochs < _HARD_ROUNDS * self.inner_max_epochs:
-                info = eigenpro2_solve(
-                    self.centers,
-                    self.nystrom,
-                    self.theta,
-                    self.u,
-                    self._k_zs,
-                    tol=self.inner_tol,
-                    max_epochs=self.inner_max_epochs,
-                    decrease=self.inner_decrease,
-                    generator=self._gen,
-                )
-                epochs += int(info["epochs"])
-                res = float((self.u - self._kzz_matmul(self.theta)).norm())
-                rel = res / unorm if unorm > 0 else res
-                if rel <= self.inner_tol or self.inner_decrease > 0:
-                    break
-        if rel > self.inner_tol and self.inner_decrease == 0 and self._can_cholesky():
-            self._cholesky_project()
-            self._chol_fallback = True  # later projections go straight to Cholesky
-            rel = 0.0
-        self.last_inner = {"epochs": float(epochs), "rel_residual": rel}
-        if rel > self.inner_tol:
-            self._interval_cap = max(1, self._interval_cap // 2)
-        elif epochs <= self.inner_max_epochs:
-            self._interval_cap = min(_MAX_INTERVAL, 2 * self._interval_cap)
-        self._inner_epochs = 0.7 * self._inner_epochs + 0.3 * epochs
-        self._temps_x.clear()
-        self._temps_a.clear()
-        self._since_solve = 0
-
-    def _kzz_matmul(self, w: Tensor) -> Tensor:
-        """``K(Z, Z) @ w`` in row blocks (from the cache when there is one)."""
-        p = self.centers.p
-        rows = max(1, min(p, self.batch_size))
-        return torch.cat(
-            [self.centers.cached_matmul(slice(a, min(a + rows, p)), w) for a in range(0, p, rows)]
+        self.theta = self.projector.solve(
+            self.theta, self.u, self.nystrom, self._k_zs, self.batch_size
         )
-
-    def _can_cholesky(self) -> bool:
-        """Whether a float64 Cholesky factor of the cached ``K(Z, Z)`` fits the budget."""
-        cache = self.centers.cache
-        p = self.centers.p
-        return cache is not None and len(cache) == 1 and 8 * p * p <= self._budget
-
-    def _cholesky_project(self) -> None:
-        if self._chol is None:
-            cache = self.centers.cache
-            if cache is None or len(cache) != 1:
-                raise ValueError(
-                    "inner_solver='cholesky' needs the cached K(Z, Z) on one device "
-                    "(cache=True, a single entry in devices)"
-                )
-            k = cache[0].double()
-            jitter = 1e-10 * float(k.diagonal().mean())
-            eye = torch.eye(k.shape[0], dtype=k.dtype, device=k.device)
-            self._chol, info = torch.linalg.cholesky_ex(k + jitter * eye)
-            if int(info) != 0:
-                raise ValueError("kernel_fn: K(Z, Z) is not positive definite (Cholesky failed)")
-        self.theta = torch.cholesky_solve(self.u.double(), self._chol).to(self.dtype)
         self._temps_x.clear()
         self._temps_a.clear()
         self._since_solve = 0
@@ -600,7 +535,7 @@ class KernelModel:
             "beta": self.nystrom.beta,
             "beta_p": self.nystrom.beta_p,
             "lam_data": self.nystrom.lam_data,
-            "inner_epochs": self._inner_epochs,
+            "inner_epochs": self.projector.inner_epochs,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -627,7 +562,8 @@ class KernelModel:
             lam_data=float(state.get("lam_data", 0.0)),
         )
         self.ridge = float(state.get("ridge", self.ridge))
-        self._inner_epochs = float(state.get("inner_epochs", self._inner_epochs))
+        pr = self.projector
+        pr.inner_epochs = float(state.get("inner_epochs", pr.inner_epochs))
         self._refresh_nystrom_blocks()
         self.theta = state["theta"].to(dev, dt).clone()
         self.u = state["u"].to(dev, dt).clone()
