@@ -210,6 +210,42 @@ def test_damping_schedule_and_kl_clip():
         torch.testing.assert_close(p.detach(), b0 - lr * nu * u, rtol=1e-4, atol=1e-6)
 
 
+def test_kl_clip_scales_the_preconditioned_gradient_before_momentum():
+    torch.manual_seed(0)
+    m = _mlp()
+    lr, clip, mom, wd = 10.0, 1e-4, 0.9, 1e-2
+    opt = SecondOrderOptimizer(
+        m, "Cov", "Kron", {"damping": 1e-2}, lr=lr, kl_clip=clip, momentum=mom, weight_decay=wd
+    )
+    bufs = [torch.zeros_like(p) for p in m.parameters()]
+    for s in range(3):
+        x, y = _data(False, seed=s)
+        before = [p.detach().clone() for p in m.parameters()]
+
+        def closure(x=x, y=y):
+            opt.zero_grad()
+            out = m(x)
+            loss = F.cross_entropy(out, y)
+            loss.backward()
+            return loss, out
+
+        opt.step(closure)
+        ug, us = 0.0, []
+        for b in opt.blocks:
+            inv = {k[4:]: v for k, v in opt.state[b.params[0]].items() if k.startswith("inv_")}
+            grads = [p.grad for p in b.params]
+            u = b.precondition(inv, grads)
+            ug += float(sum((ui * g).sum() for ui, g in zip(u, grads)))
+            us += u
+        assert lr**2 * ug > clip  # the clip is active on every step
+        nu = (clip / (lr**2 * ug)) ** 0.5
+        for i, (b0, p, u) in enumerate(zip(before, m.parameters(), us)):
+            bufs[i] = mom * bufs[i] + nu * u  # momentum accumulates the clipped direction
+            torch.testing.assert_close(
+                p.detach(), b0 - lr * (bufs[i] + wd * b0), rtol=1e-4, atol=1e-6
+            )
+
+
 def test_modules_with_relu_maxpool_nesting_and_weight_sharing():
     class Net(nn.Module):
         def __init__(self):

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["Capture", "Record", "output_vectors"]
@@ -81,9 +80,14 @@ def output_vectors(
     if loss == "cross_entropy":
         p = torch.softmax(out.float(), dim=1).to(out.dtype)
         if curv_type == "Fisher":
+            # labels y ~ Categorical(p) by inverse CDF (one uniform per example; cheaper
+            # than torch.multinomial's input validation on every curvature step)
+            cdf = torch.cumsum(p, dim=1)
             for _ in range(mc_samples):
-                y = torch.multinomial(p.float(), 1, generator=generator).squeeze(1)
-                vecs.append((p - F.one_hot(y, C).to(p.dtype), 1.0 / mc_samples))
+                u = torch.rand((out.shape[0], 1), generator=generator, dtype=p.dtype)
+                y = (cdf < u.to(p.device) * cdf[:, -1:]).sum(1).clamp_(max=C - 1)
+                v = p.clone().scatter_add_(1, y.unsqueeze(1), p.new_full((p.shape[0], 1), -1.0))
+                vecs.append((v, 1.0 / mc_samples))
         else:
             # H = diag(p) - p p^T = sum_c p_c (e_c - p)(e_c - p)^T
             sq = p.sqrt()

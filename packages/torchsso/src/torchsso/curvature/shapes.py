@@ -90,6 +90,13 @@ class LayerCurvature:
     def precondition(self, inv: dict[str, Tensor], grads: list[Tensor]) -> list[Tensor]:
         raise NotImplementedError
 
+    def precondition_dot(
+        self, inv: dict[str, Tensor], grads: list[Tensor]
+    ) -> tuple[list[Tensor], Tensor]:
+        """:meth:`precondition` and the dot product ``sum(u . g)`` of its result with ``grads``."""
+        out = self.precondition(inv, grads)
+        return out, sum((u * g).sum() for u, g in zip(out, grads))  # type: ignore[return-value]
+
     def sample(
         self, inv: dict[str, Tensor], scale: float, gen: torch.Generator | None
     ) -> list[Tensor]:
@@ -393,8 +400,14 @@ class Kron(LayerCurvature):
         return out
 
     def precondition(self, inv: dict[str, Tensor], grads: list[Tensor]) -> list[Tensor]:
+        return self.precondition_dot(inv, grads)[0]
+
+    def precondition_dot(
+        self, inv: dict[str, Tensor], grads: list[Tensor]
+    ) -> tuple[list[Tensor], Tensor]:
         if self.embedding:
-            return [(grads[0] * inv["A_inv"].unsqueeze(1)) @ inv["G_inv"]]
+            out = (grads[0] * inv["A_inv"].unsqueeze(1)) @ inv["G_inv"]
+            return [out], torch.vdot(out.reshape(-1), grads[0].reshape(-1))
         V = matrix_grad(self.module, grads)
         if "S" in inv:
             qa, qg = inv["QA"], inv["QG"]
@@ -407,7 +420,7 @@ class Kron(LayerCurvature):
             U = _solve_right(X.T, inv["G_fac"].T if not cg else inv["G_fac"], bool(cg)).T
         else:
             U = inv["G_inv"] @ V @ inv["A_inv"]
-        return split_matrix(self.module, U, grads)
+        return split_matrix(self.module, U, grads), (U * V).sum()
 
     def sample(
         self, inv: dict[str, Tensor], scale: float, gen: torch.Generator | None

@@ -433,8 +433,9 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _apply(self, damping: float) -> None:
-        updates: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]] = []
-        kl = 0.0
+        # pass 1: precondition every block; per block the dot u . v (u = C^-1 v, >= 0) both
+        # drives the KL clipping and, summed, detects a non-finite update with one host read
+        pre: list[tuple[dict[str, Any], LayerCurvature, list[Tensor], list[Tensor], Tensor]] = []
         for group, b in zip(self.param_groups, self.blocks):
             params = group["params"]
             if all(p.grad is None for p in params):
@@ -444,37 +445,62 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             if l2:
                 grads = [g.add(p, alpha=l2) for g, p in zip(grads, params)]
             mom = group["momentum"]
+            vs = grads
             if mom and group["momentum_type"] == "raw":
-                bufs = []
+                vs = []
                 for p, g in zip(params, grads):
                     st = self.state[p]
                     buf = st.get("momentum_buffer")
                     buf = g.clone() if buf is None else buf.mul_(mom).add_(g)
                     st["momentum_buffer"] = buf
-                    bufs.append(buf)
-                upd = self._precondition(b, bufs, damping)
+                    vs.append(buf)
+            inv = self._inverse(b)
+            if inv is None:
+                upd, dot = vs, sum((v * v).sum() for v in vs)
             else:
-                upd = self._precondition(b, grads, damping)
-                if mom:
-                    new = []
-                    for p, u in zip(params, upd):
-                        st = self.state[p]
-                        buf = st.get("momentum_buffer")
-                        buf = u.clone() if buf is None else buf.mul_(mom).add_(u)
-                        st["momentum_buffer"] = buf
-                        new.append(buf)
-                    upd = new
-            if group["weight_decay"]:
-                upd = [u.add(p, alpha=group["weight_decay"]) for u, p in zip(upd, params)]
-            if self.kl_clip is not None:
-                ug = sum(torch.dot(u.reshape(-1), g.reshape(-1)) for u, g in zip(upd, grads))
-                kl += group["lr"] ** 2 * float(ug)
-            updates.append((group, params, upd))
+                upd, dot = b.precondition_dot(inv, vs)
+            pre.append((group, b, vs, upd, dot * group["lr"] ** 2))  # type: ignore[operator]
+        if not pre:
+            return
+        kl = float(torch.stack([d for *_, d in pre]).sum())
+        if not math.isfinite(kl):  # recovery path: raise the damping of the culprits
+            for i, (group, b, vs, upd, dot) in enumerate(pre):
+                if not math.isfinite(float(dot)):
+                    upd = self._precondition(b, vs, damping)
+                    dot = sum((u * v).sum() for u, v in zip(upd, vs)) * group["lr"] ** 2
+                    pre[i] = (group, b, vs, upd, dot)  # type: ignore[assignment]
+            kl = float(torch.stack([d for *_, d in pre]).sum())
+            if not math.isfinite(kl):
+                raise FloatingPointError("the preconditioned gradient is not finite")
+        # KL clipping (Ba et al. 2017): scale the preconditioned gradient, before momentum,
+        # so that lr^2 sum(u . g) <= kl_clip
         nu = 1.0
-        if self.kl_clip is not None and kl > 0:
-            nu = min(1.0, math.sqrt(self.kl_clip / kl))
-        for group, params, upd in updates:
-            scale = group["lr"] * nu
+        if self.kl_clip is not None and kl > self.kl_clip:
+            nu = math.sqrt(self.kl_clip / kl)
+        for group, _b, _vs, upd, _dot in pre:
+            params = group["params"]
+            mom = group["momentum"]
+            if mom and group["momentum_type"] != "raw":
+                bufs = []
+                for p in params:
+                    st = self.state[p]
+                    buf = st.get("momentum_buffer")
+                    if buf is None:
+                        buf = st["momentum_buffer"] = torch.zeros_like(p)
+                    bufs.append(buf)
+                torch._foreach_mul_(bufs, mom)
+                torch._foreach_add_(bufs, upd, alpha=nu)
+                upd, scale = bufs, group["lr"]
+            else:
+                scale = group["lr"] * nu
+            if scale == 0:
+                continue
+            if group["weight_decay"]:  # decoupled: lr * weight_decay * p, not KL-clipped
+                upd = list(
+                    torch._foreach_add(
+                        upd, params, alpha=group["weight_decay"] * group["lr"] / scale
+                    )
+                )
             ratio = group.get("max_update_ratio")
             if ratio is not None:
                 # trust ratio: the step of a layer is at most `ratio` times its weight norm
@@ -482,8 +508,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                 un = scale * math.sqrt(sum(float((u * u).sum()) for u in upd))
                 if un > ratio * wn > 0:
                     scale *= ratio * wn / un
-            for p, u in zip(params, upd):
-                p.add_(u, alpha=-scale)
+            torch._foreach_add_(params, upd, alpha=-scale)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Tensor:  # type: ignore[override]
         """One optimization step.
