@@ -168,3 +168,27 @@ def test_irregular_batch_sizes_match_reference(kind):
             start += b
     want = reference_orders(kind, got[0], table, 0, epochs, ref.Sign(), depth=3)
     assert got == want
+
+
+@pytest.mark.parametrize("small_cols", [0, 4])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("probabilistic", [False, True])
+def test_large_block_layouts_match_reference(monkeypatch, small_cols, kind, probabilistic):
+    """Tensors above ``SMALL_COLS`` get their own block and host-tracked stored products."""
+    from grabsampler import _bank
+
+    monkeypatch.setattr(_bank, "SMALL_COLS", small_cols)
+    n, batch, epochs = 23, 5, 4
+    table = grad_table(epochs, n, seed=31)
+    sampler = GraBSampler(
+        range(n), make_params(), kind, depth=3, seed=7, probabilistic=probabilistic, prob_c=2.0
+    )
+    assert sampler.bank.track and len(sampler.bank.groups) == (3 if small_cols == 0 else 2)
+    got = run_sampler(sampler, table, batch, epochs)
+    if probabilistic:
+        gen = torch.Generator().manual_seed(7)
+        assert got[0] == torch.randperm(n, generator=gen).tolist()
+        sign = ref.Sign(probabilistic=True, c=2.0, gen=gen)
+    else:
+        sign = ref.Sign()
+    assert got == reference_orders(kind, got[0], table, batch, epochs, sign, depth=3)

@@ -74,9 +74,15 @@ class AuxBank:
         self.has_small = bool(small)
         self.cap = 0  # batch rows the small block's workspace has room for
         self._flat: DenseRows | None = None
+        #: with large blocks the stored vectors' inner products are tracked on the host
+        #: (reading weight-sized vectors once more per batch costs more than the update)
+        self.track = len(self.groups) > 1 or not small
+        self._ss: list[list[float]] | None = None
+        self._last: list[list[float]] | None = None
         self._alloc([torch.zeros(k, sum(self.sizes[i] for i in g)) for g in self.groups])
 
     def _alloc(self, blocks: list[Tensor]) -> None:
+        self._ss = None
         blocks = [b.to(device=self.device, dtype=self.dtype) for b in blocks]
         if self.has_small:
             # the shared small block lives at the bottom of a workspace whose top
@@ -140,13 +146,16 @@ class AuxBank:
             return None
         return DenseRows(torch.cat([r.x for r in xs], dim=1))  # type: ignore[attr-defined]
 
-    def _small_part(self, rows: Sequence[Rows], g: list[int], b: int, ka: int) -> Tensor | None:
+    def _small_part(
+        self, rows: Sequence[Rows], g: list[int], b: int, ka: int, host: bool
+    ) -> Tensor | list[list[float]] | None:
         """The small block's part of the matrix from one product over the workspace.
 
         Copies the batch's rows of the small tensors into the top of the
         workspace (``B`` rows right above the stored vectors), then multiplies the
-        contiguous ``[batch; stored]`` rows by their transpose. Returns None when
-        the rows are not dense tensors of the bank's dtype and device.
+        contiguous ``[batch; stored]`` rows by their transpose. Returns the matrix
+        (as nested lists if ``host``, which may save device operations), or None
+        when the rows are not dense tensors of the bank's dtype and device.
         """
         xs = [rows[i] for i in g]
         if not all(
@@ -164,17 +173,24 @@ class AuxBank:
             torch.cat([r.x for r in xs], dim=1, out=xw)  # type: ignore[attr-defined]
         self._flat = DenseRows(xw)
         z = self.work[lo : self.cap + ka]
-        if xw.shape[1] <= ONE_PRODUCT_COLS or ka == 0:
-            return z @ z.T
-        # at larger widths a (B + k_a, B) product plus a (k_a, k_a) one is faster than
-        # one square product (BLAS kernels favour B = 16 columns)
-        f = torch.mm(z, xw.T)
-        act = self.blocks[0][:ka]
-        return torch.cat([f, torch.cat([f[b:].T, act @ act.T])], dim=1)
+        if host and (xw.shape[1] <= ONE_PRODUCT_COLS or ka == 0):
+            return (z @ z.T).tolist()
+        # a (B + k_a, B) product (BLAS kernels favour B = 16 columns); the stored
+        # vectors' own inner products come separately
+        return torch.mm(z, xw.T)
 
-    @torch.no_grad()
+    def _stored_gram(self, ka: int) -> list[list[float]]:
+        """Inner products of the ``ka`` active stored vectors (tracked on the host)."""
+        if self._ss is None or not self.track:
+            parts = [(blk[:ka] @ blk[:ka].T).to(torch.float64) for blk in self.blocks]
+            total = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+            self._ss = total.tolist()
+        return self._ss
+
     def gram_lists(self, rows: Sequence[Rows]) -> tuple[list[list[float]], list[Rows | None]]:
         """Inner products of ``[rows; stored vectors]`` as nested lists of host floats.
+
+        Call it under ``torch.no_grad()`` (as :meth:`apply`).
 
         Args:
             rows: one :class:`~grabsampler._rows.Rows` per parameter tensor.
@@ -187,11 +203,14 @@ class AuxBank:
         k = self.k
         ka = k - self.passive
         b = rows[0].batch_size
-        parts: list[Tensor] = []
+        parts: list[Tensor] = []  # (B + k_a, B) each: [<x_i, x_j>; <a_p, x_j>]
         brows: list[Rows | None] = []
         for gi, g in enumerate(self.groups):
             if gi == 0 and self.has_small:
-                part = self._small_part(rows, g, b, ka)
+                part = self._small_part(rows, g, b, ka, host=len(self.groups) == 1)
+                if isinstance(part, list):
+                    assert self._flat is not None
+                    return part, [self._flat]
                 if part is not None:
                     parts.append(part)
                     brows.append(self._flat)
@@ -205,28 +224,65 @@ class AuxBank:
                 if isinstance(r, DenseRows):
                     x = r.x
                     act = act if act.dtype == x.dtype and act.device == x.device else act.to(x)
-                    # three products are faster than one on [x; act] (B = 16 rows hit
+                    # two products are faster than one on [x; act] (B = 16 rows hit
                     # the BLAS kernels' sweet spot, B + 2 rows do not)
                     gm = x @ x.T
-                    h = torch.mm(act, x.T).T
+                    h = torch.mm(act, x.T) if ka else gm[:0]
                 else:
                     gm = r.gram()
-                    h = r.cross(act).to(gm.dtype)
-                ss = (act @ act.T).to(gm.dtype)
-                top = torch.cat([gm, h], dim=1)
-                low = torch.cat([h.T, ss], dim=1)
-                parts.append(torch.cat([top, low]))
+                    h = r.cross(act).to(gm.dtype).T
+                parts.append(torch.cat([gm, h]) if ka else gm)
         if len(parts) == 1:
-            return parts[0].tolist(), brows
-        full = torch.stack([p.to(torch.float64) for p in parts]).sum(0)
-        return full.tolist(), brows
+            fl = parts[0].tolist()
+        else:
+            fl = torch.stack([p.to(torch.float64) for p in parts]).sum(0).tolist()
+        if not ka:
+            return fl, brows
+        ss = self._stored_gram(ka)
+        cross = fl[b:]
+        out = [row + [c[i] for c in cross] for i, row in enumerate(fl[:b])]
+        out += [row + list(srow) for row, srow in zip(cross, ss)]
+        self._last = out
+        return out, brows
+
+    def _track_update(
+        self, changed: Sequence[int], wx: list[list[float]], terms: Sequence[tuple[int, int, float]]
+    ) -> None:
+        """Updates the tracked inner products of the active stored vectors after :meth:`apply`.
+
+        Every new active vector is a combination of the batch rows and the old
+        active vectors, so its inner products follow from the last matrix ``F``:
+        ``SS' = C F C^T`` (float64 on the host).
+        """
+        ka = self.k - self.passive
+        last = self._last
+        if self._ss is None or last is None or len(last) != len(last[0]):
+            self._ss = None
+            return
+        b = len(last) - ka
+        coef = [[0.0] * (b + ka) for _ in range(ka)]
+        for p in range(ka):
+            coef[p][b + p] = 1.0
+        for j, row in enumerate(changed):
+            if row < ka:
+                coef[row][:b] = [float(v) for v in wx[j]]
+        for j, i, c in terms:
+            row = changed[j]
+            if row < ka:
+                if i >= ka:  # a passive vector enters an active one: recompute later
+                    self._ss = None
+                    return
+                coef[row][b + i] += c
+        ct = torch.tensor(coef, dtype=torch.float64)
+        ft = torch.tensor(last, dtype=torch.float64)
+        self._ss = (ct @ ft @ ct.T).tolist()
+        self._last = None
 
     def batch_gram(self, rows: Sequence[Rows]) -> tuple[Tensor, list[Rows | None]]:
         """:meth:`gram_lists` as a float64 CPU tensor."""
         g, brows = self.gram_lists(rows)
         return torch.tensor(g, dtype=torch.float64), brows
 
-    @torch.no_grad()
     def apply(
         self,
         rows: Sequence[Rows],
@@ -266,6 +322,8 @@ class AuxBank:
                         a[i].add_(upd[j])
             for j, i, c in terms:
                 blk[changed[j]].add_(old.get(i, blk[i]), alpha=c)
+        if self.track:
+            self._track_update(changed, wx.tolist() if isinstance(wx, Tensor) else wx, terms)
 
     @torch.no_grad()
     def transform(self, mat: Tensor) -> None:

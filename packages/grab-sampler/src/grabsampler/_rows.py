@@ -120,14 +120,19 @@ def rows_from_grads(
         if t.dim() < 1:
             raise ValueError("per_sample_grads: every tensor needs a leading batch dimension")
     b = int(tensors[0].shape[0])
-    if any(int(t.shape[0]) != b for t in tensors):
-        raise ValueError(
-            "per_sample_grads: tensors disagree on the batch size: "
-            f"{[int(t.shape[0]) for t in tensors]}"
-        )
-    total = sum(t[0].numel() for t in tensors) if b > 0 else sum(t.numel() for t in tensors)
+    views: list[Tensor] = []
+    total = 0
+    for t in tensors:
+        if int(t.shape[0]) != b:
+            raise ValueError(
+                "per_sample_grads: tensors disagree on the batch size: "
+                f"{[int(t.shape[0]) for t in tensors]}"
+            )
+        v = t.flatten(1) if t.dim() > 1 else t[:, None]
+        total += int(v.shape[1])
+        views.append(v)
     if b > 0 and total != d:
         raise ValueError(
             f"per_sample_grads: {total} entries per example, but trainable_params has d = {d}"
         )
-    return [DenseRows(t.reshape(b, -1)) for t in tensors]
+    return [DenseRows(v) for v in views]

@@ -62,10 +62,14 @@ class FactoredRows:
         return x @ x.T
 
     def cross(self, aux: Tensor) -> Tensor:
-        # <x_b, V_k> = sum_t g_bt^T V_k a_bt: one (BT, I) @ (I, kO) product
+        # <x_b, V_k> = sum_t g_bt^T V_k a_bt: one (kO, I) @ (I, BT) product (the stored
+        # vectors stacked as one (k*O, I) matrix), then a contraction with g
         b, t = self.a.shape[0], self.a.shape[1]
         k = aux.shape[0]
         v = aux.to(self.a.dtype).reshape(k * self._out, self._in)
+        if t == 1:
+            p = torch.mm(v, self.a[:, 0].T).view(k, self._out, b)  # (k, O, B)
+            return (p * self.g[:, 0].T).sum(dim=1).T
         p = (self.a.reshape(b * t, self._in) @ v.T).reshape(b, t, k, self._out)
         return (p * self.g[:, :, None, :]).sum(dim=(1, 3))
 
@@ -136,6 +140,11 @@ def _unfold(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
         k, st, pd, dl = (1, *k), (1, *st), (0, *pd), (1, *dl)
     cols = F.unfold(x, kernel_size=k, dilation=dl, padding=pd, stride=st)
     return cols.transpose(1, 2)
+
+
+def _join(parts: list[Tensor]) -> Tensor:
+    """Concatenates along positions (dim 1); a single part is used as it is."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def _in_functorch() -> bool:
@@ -247,13 +256,13 @@ class GraB:
                 g = g * (idx != m.padding_idx).unsqueeze(-1).to(g.dtype)
             return [EmbeddingRows(idx, g, m.num_embeddings)]
         if isinstance(m, nn.Linear):
-            a = torch.cat([x.reshape(b, -1, m.in_features) for x in xs], dim=1)
-            g = torch.cat([gi.reshape(b, -1, m.out_features) for gi in gs], dim=1) * scale
+            a = _join([x.reshape(b, -1, m.in_features) for x in xs])
+            g = _join([gi.reshape(b, -1, m.out_features) for gi in gs]) * scale
         else:
             assert isinstance(m, (nn.Conv1d, nn.Conv2d))
-            a = torch.cat([_unfold(m, x) for x in xs], dim=1)
+            a = _join([_unfold(m, x) for x in xs])
             out_ch = int(m.out_channels)
-            g = torch.cat([gi.reshape(b, out_ch, -1).transpose(1, 2) for gi in gs], dim=1) * scale
+            g = _join([gi.reshape(b, out_ch, -1).transpose(1, 2) for gi in gs]) * scale
         rows: list[Rows] = [FactoredRows(a.to(g.dtype), g)]
         bias = getattr(m, "bias", None)
         if isinstance(bias, Tensor) and bias.requires_grad:
