@@ -30,16 +30,12 @@ it fits the budget and caching is on).
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Iterable, Sequence
-from itertools import chain
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from eigenpro3._checks import check_features, check_finite, check_matrix, targets_2d
 from eigenpro3.blocks import (
@@ -48,10 +44,12 @@ from eigenpro3.blocks import (
     default_memory_bytes,
     rows_for_budget,
 )
+from eigenpro3.checkpoint import Checkpointing
 from eigenpro3.datasets import batch_loader
 from eigenpro3.kernels import KernelFn, get_kernel
-from eigenpro3.preconditioner import Nystrom, build_nystrom, preconditioned_top_eigenvalue
+from eigenpro3.preconditioner import build_nystrom, preconditioned_top_eigenvalue
 from eigenpro3.projection import Projector, choose_interval
+from eigenpro3.training import TrainingLoops
 from optcore.distributed import get_rank, get_world_size
 
 __all__ = ["KernelModel"]
@@ -59,7 +57,7 @@ __all__ = ["KernelModel"]
 ScoreFn = Callable[[Tensor, Tensor], Any]
 
 
-class KernelModel:
+class KernelModel(TrainingLoops, Checkpointing):
     """A kernel model with ``p`` centers trained by EigenPro3.
 
     Args:
@@ -410,99 +408,6 @@ class KernelModel:
             self.project()
         return sum_sq / (m * self.n_outputs)
 
-    def _steps(self, loaders: list[Any]) -> int:
-        n = sum(len(loader) for loader in loaders)
-        if self.world_size > 1:
-            t = torch.tensor([n], dtype=torch.int64)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            n = int(t)
-        return n
-
-    def fit_epoch(self, train_loaders: Any, *, epoch: int | None = None) -> float:
-        """One pass over ``train_loaders`` (a loader or a list), projecting at the end.
-
-        Returns:
-            The mean squared training error met during the epoch (before each step).
-        """
-        loaders = (
-            list(train_loaders) if isinstance(train_loaders, (list, tuple)) else [train_loaders]
-        )
-        steps = self._steps(loaders)
-        it = iter(chain.from_iterable(loaders))
-        desc = "EigenPro3" if epoch is None else f"EigenPro3 epoch {epoch}"
-        show = self.verbose and self.rank == 0
-        bar = tqdm(total=steps, desc=desc, disable=not show, leave=False)
-        total, count = 0.0, 0
-        for _ in range(steps):
-            batch = next(it, None)
-            if batch is None:
-                xb = torch.zeros(0, self.centers.d)
-                yb = torch.zeros(0, self.n_outputs)
-            else:
-                xb, yb = batch[0], batch[1]
-            loss = self.fit_batch(xb, yb)
-            if not math.isnan(loss):
-                total += loss
-                count += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4g}")
-        bar.close()
-        self.flush()
-        return total / max(count, 1)
-
-    def fit(
-        self,
-        train_loaders: Any = None,
-        val_loader: Iterable[Any] | None = None,
-        score_fn: ScoreFn | None = None,
-        epochs: int = 1,
-    ) -> list[dict[str, float | int | None]]:
-        """Train for ``epochs`` epochs; evaluate ``score_fn`` on ``val_loader`` after each.
-
-        Args:
-            train_loaders: a loader or list of loaders of ``(x, y)`` batches
-                (default ``self.train_loaders``).
-            val_loader: optional loader of ``(x, target)`` batches.
-            score_fn: ``score_fn(predictions, target)`` (e.g. :func:`eigenpro3.utils.accuracy`);
-                default: mean squared error against ``target``.
-            epochs: number of epochs.
-
-        Returns:
-            One dict per epoch: ``epoch``, ``train_loss``, ``val_score``, ``seconds``.
-        """
-        if epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {epochs}")
-        loaders = self.train_loaders if train_loaders is None else train_loaders
-        history: list[dict[str, float | int | None]] = []
-        for e in range(1, epochs + 1):
-            t0 = time.perf_counter()
-            loss = self.fit_epoch(loaders, epoch=e)
-            seconds = time.perf_counter() - t0
-            score = self.evaluate(val_loader, score_fn) if val_loader is not None else None
-            history.append({"epoch": e, "train_loss": loss, "val_score": score, "seconds": seconds})
-            if self.verbose and self.rank == 0:
-                tail = "" if score is None else f" val_score={score:.4f}"
-                tqdm.write(f"epoch {e}: train_loss={loss:.4g}{tail} ({seconds:.2f}s)")
-        return history
-
-    @torch.no_grad()
-    def evaluate(self, loader: Iterable[Any], score_fn: ScoreFn | None = None) -> float:
-        """Batch-size weighted mean of ``score_fn(predict(x), target)`` over ``loader``."""
-        total, n = 0.0, 0
-        for batch in loader:
-            xb, tb = batch[0], batch[1]
-            pred = self.predict(xb)
-            if score_fn is None:
-                t2 = targets_2d(tb, len(xb), "target", dtype=self.dtype, n_outputs=self.n_outputs)
-                value = float((pred - t2.to(pred.device)).pow(2).mean())
-            else:
-                value = float(score_fn(pred, tb.to(pred.device) if isinstance(tb, Tensor) else tb))
-            total += value * len(xb)
-            n += len(xb)
-        if n == 0:
-            raise ValueError("val_loader yielded no samples")
-        return total / n
-
     # ------------------------------------------------------------- inference
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
@@ -514,77 +419,3 @@ class KernelModel:
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.predict(x)
-
-    # ----------------------------------------------------------- persistence
-    def state_dict(self) -> dict[str, Any]:
-        """Weights, projection state and preconditioner (tensors and numbers only).
-
-        Pending temporary centers are projected first.
-        """
-        self.flush()
-        return {
-            "n_outputs": self.n_outputs,
-            "ridge": self.ridge,
-            "centers": self.centers.centers.clone(),
-            "theta": self.theta.clone(),
-            "u": self.u.clone(),
-            "d_s": self.d_s.clone(),
-            "nystrom_idx": self.nystrom.idx.clone(),
-            "nystrom_F": self.nystrom.F.clone(),
-            "nystrom_eigvals": self.nystrom.eigvals.clone(),
-            "beta": self.nystrom.beta,
-            "beta_p": self.nystrom.beta_p,
-            "lam_data": self.nystrom.lam_data,
-            "inner_epochs": self.projector.inner_epochs,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict` of a model with the same centers and outputs."""
-        required = {"centers", "theta", "u", "d_s", "nystrom_idx", "nystrom_F", "nystrom_eigvals"}
-        missing = required - set(state)
-        if missing:
-            raise ValueError(f"state_dict is missing keys {sorted(missing)}")
-        z = self.centers.centers
-        if state["centers"].shape != z.shape or not torch.equal(state["centers"].to(z), z):
-            raise ValueError("state_dict['centers'] differ from this model's centers")
-        if state["theta"].shape != self.theta.shape:
-            raise ValueError(
-                f"state_dict['theta'] has shape {tuple(state['theta'].shape)}, "
-                f"expected {tuple(self.theta.shape)}"
-            )
-        dev, dt = self.main, self.dtype
-        self.nystrom = Nystrom(
-            idx=state["nystrom_idx"].to(dev),
-            F=state["nystrom_F"].to(dev, dt),
-            eigvals=state["nystrom_eigvals"].to(dev, torch.float64),
-            beta=float(state["beta"]),
-            beta_p=float(state["beta_p"]),
-            lam_data=float(state.get("lam_data", 0.0)),
-        )
-        self.ridge = float(state.get("ridge", self.ridge))
-        pr = self.projector
-        pr.inner_epochs = float(state.get("inner_epochs", pr.inner_epochs))
-        self._refresh_nystrom_blocks()
-        self.theta = state["theta"].to(dev, dt).clone()
-        self.u = state["u"].to(dev, dt).clone()
-        self.d_s = state["d_s"].to(dev, dt).clone()
-        self._temps_x.clear()
-        self._temps_a.clear()
-        self._since_solve = 0
-
-    def save(self, path: str | Path) -> None:
-        """Write :meth:`state_dict` to ``path`` with ``torch.save``."""
-        torch.save(self.state_dict(), path)
-
-    def load(self, path: str | Path) -> KernelModel:
-        """Load weights saved by :meth:`save` into this model; returns ``self``."""
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return self
-
-    @classmethod
-    def from_file(cls, path: str | Path, kernel_fn: str | KernelFn, **kwargs: Any) -> KernelModel:
-        """Rebuild a model from a file written by :meth:`save` and the same ``kernel_fn``."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model = cls(int(state["n_outputs"]), state["centers"], kernel_fn, **kwargs)
-        model.load_state_dict(state)
-        return model
