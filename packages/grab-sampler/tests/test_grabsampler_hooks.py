@@ -48,18 +48,53 @@ def convnet():
 
 
 def data(kind, n, gen):
-    if kind == "mlp":
+    if kind in ("mlp", "conv1d"):
         return torch.randn(n, 6, generator=gen, dtype=torch.float64)
-    if kind == "conv":
+    if kind in ("conv", "convmix"):
         return torch.randn(n, 1, 8, 8, generator=gen, dtype=torch.float64)
     return torch.randint(0, 7, (n, 4), generator=gen)
 
 
-MODELS = {"mlp": mlp, "conv": convnet, "seq": Seq}
+def convmix():
+    """Grouped, reflect/circular-padded, 'same'-padded 2-d convolutions and a Conv3d."""
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect"),
+        nn.Tanh(),
+        nn.Conv2d(4, 4, 3, groups=2, padding=1, padding_mode="circular"),
+        nn.Tanh(),
+        nn.Conv2d(4, 2, (2, 3), padding="same", dilation=(1, 2), bias=False),
+        nn.Unflatten(1, (1, 2)),  # (B, 1, 2, 8, 8): a depth-2 volume
+        nn.Conv3d(1, 3, (2, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),
+        nn.Tanh(),
+        nn.Conv3d(3, 2, 1, padding=1, padding_mode="replicate", groups=1),
+        nn.Flatten(),
+        nn.Linear(2 * 3 * 6 * 6, 3),
+    )
 
 
-@pytest.mark.parametrize("kind", ["mlp", "conv", "seq"])
-@pytest.mark.parametrize("balance", ["mean", "pair", "recursive_pair"])
+def conv1d_grouped():
+    return nn.Sequential(
+        nn.Unflatten(1, (2, 3)),  # (B, 2, 3)
+        nn.Conv1d(2, 4, 2, groups=2, padding=1, padding_mode="reflect"),
+        nn.Tanh(),
+        nn.Conv1d(4, 2, 3, padding="same", groups=2),
+        nn.Flatten(),
+        nn.Linear(2 * 4, 3),
+    )
+
+
+MODELS = {"mlp": mlp, "conv": convnet, "seq": Seq, "convmix": convmix, "conv1d": conv1d_grouped}
+
+
+@pytest.mark.parametrize(
+    ("kind", "balance"),
+    [
+        (k, b)
+        for k in ["mlp", "conv", "seq", "convmix", "conv1d"]
+        for b in ["mean", "pair", "recursive_pair"]
+        if k in ("mlp", "conv", "seq") or b != "recursive_pair"
+    ],
+)
 def test_hooks_order_equals_per_sample_route(kind, balance):
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
@@ -134,8 +169,43 @@ def test_hooks_errors():
         GraB(nn.ReLU(), range(3))
     with pytest.raises(ValueError, match="loss_reduction"):
         GraB(model, range(3), loss_reduction="none")
-    with pytest.raises(ValueError, match="groups"):
-        GraB(nn.Conv2d(2, 2, 3, groups=2), range(3))
     with pytest.raises(TypeError, match="nn.Module"):
         GraB("model", range(3))  # type: ignore[arg-type]
+    grab.remove()
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv", "seq", "convmix", "conv1d"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_hooks_rows_equal_per_sample_gradients(kind, reduction):
+    """Each layer's rows give the per-sample gradients' Gram matrix, cross terms and sums."""
+    torch.manual_seed(2)
+    gen = torch.Generator().manual_seed(3)
+    n = 5
+    model = MODELS[kind]().double()
+    x = data(kind, n, gen)
+    y = torch.randint(0, 3, (n,), generator=gen)
+    loss_fn = nn.CrossEntropyLoss(reduction=reduction)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def one(p, xi, yi):
+        return loss_fn(functional_call(model, p, (xi[None],)), yi[None])
+
+    per = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
+    grab = GraB(model, range(n), loss_reduction=reduction)
+    loss_fn(model(x), y).backward()
+    rows = []
+    for i, (_, m) in enumerate(grab.layers):
+        rows.extend(grab._layer_rows(m, grab._inputs[i], grab._grads[i]))
+    assert len(rows) == len(grab.params)
+    for r, name in zip(rows, grab.params):
+        dense = per[name].reshape(n, -1)
+        aux = torch.randn(2, dense.shape[1], generator=gen, dtype=torch.float64)
+        w = torch.randn(2, n, generator=gen, dtype=torch.float64)
+        torch.testing.assert_close(r.gram(), dense @ dense.T, msg=name)
+        torch.testing.assert_close(r.cross(aux), dense @ aux.T, msg=name)
+        torch.testing.assert_close(r.combine(w), w @ dense, msg=name)
+        if hasattr(r, "combine_into"):
+            out = aux.clone()
+            r.combine_into(out, w)
+            torch.testing.assert_close(out, aux + w @ dense, msg=name)
     grab.remove()

@@ -24,6 +24,7 @@ all (one layer at a time).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sized
 from typing import Any
 
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 from grabsampler._rows import DenseRows, Rows
 from grabsampler.sampler import GraBSampler
 
-__all__ = ["EmbeddingRows", "FactoredRows", "GraB"]
+__all__ = ["EmbeddingRows", "FactoredRows", "GraB", "GroupedRows"]
 
 _PAIR_BUDGET = 1 << 24  # largest B*B*T*T tensor formed for sequence/conv layers
 
@@ -129,17 +130,85 @@ class EmbeddingRows:
         return out.reshape(w.shape[0], -1)
 
 
-def _unfold(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
-    """Conv input ``x`` as patches ``(B, T, C*prod(kernel))``."""
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _unfold(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> Tensor:
+    """Conv input ``x`` as patches ``(B, T, C*prod(kernel))`` (columns ordered as the weight).
+
+    Padding modes other than zeros and string padding (``"same"``/``"valid"``) pad
+    the input the way the layer does before unfolding; 3-d convolutions are
+    unfolded through a strided view.
+    """
+    nd = x.dim() - 2
     k: tuple[int, ...] = tuple(module.kernel_size)
     st: tuple[int, ...] = tuple(module.stride)
-    pd: tuple[int, ...] = tuple(module.padding)  # type: ignore[arg-type]
     dl: tuple[int, ...] = tuple(module.dilation)
-    if isinstance(module, nn.Conv1d):
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, list(module._reversed_padding_repeated_twice), mode=mode)
+        pd: tuple[int, ...] = (0,) * nd
+    else:
+        pd = tuple(module.padding)  # type: ignore[arg-type]
+    if nd == 1:
         x = x.unsqueeze(2)
         k, st, pd, dl = (1, *k), (1, *st), (0, *pd), (1, *dl)
-    cols = F.unfold(x, kernel_size=k, dilation=dl, padding=pd, stride=st)
-    return cols.transpose(1, 2)
+        nd = 2
+    if nd == 2:
+        return F.unfold(x, kernel_size=k, dilation=dl, padding=pd, stride=st).transpose(1, 2)
+    if any(pd):
+        x = F.pad(x, [p for q in reversed(pd) for p in (q, q)])
+    x = x.contiguous()
+    b, c = int(x.shape[0]), int(x.shape[1])
+    size = [int(v) for v in x.shape[2:]]
+    out = [(size[i] - dl[i] * (k[i] - 1) - 1) // st[i] + 1 for i in range(nd)]
+    sd = x.stride()
+    view = x.as_strided(
+        (b, c, *out, *k),
+        (
+            sd[0],
+            sd[1],
+            *[sd[2 + i] * st[i] for i in range(nd)],
+            *[sd[2 + i] * dl[i] for i in range(nd)],
+        ),
+    )
+    perm = (0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd))
+    return view.permute(perm).reshape(b, math.prod(out), c * math.prod(k))
+
+
+class GroupedRows:
+    """Rows of a grouped convolution's weight: one :class:`FactoredRows` per group.
+
+    Group ``j`` connects input channels ``j*C/G..`` to output channels ``j*O/G..``;
+    its part of the flattened weight is a contiguous range, and inner products
+    add up over the groups.
+    """
+
+    def __init__(self, parts: list[FactoredRows]) -> None:
+        self.parts = parts
+        self.batch_size = parts[0].batch_size
+        self.numel = sum(p.numel for p in parts)
+        self._ranges: list[tuple[int, int]] = []
+        off = 0
+        for p in parts:
+            self._ranges.append((off, off + p.numel))
+            off += p.numel
+
+    def gram(self) -> Tensor:
+        return torch.stack([p.gram() for p in self.parts]).sum(0)
+
+    def cross(self, aux: Tensor) -> Tensor:
+        return torch.stack(
+            [p.cross(aux[:, lo:hi]) for p, (lo, hi) in zip(self.parts, self._ranges)]
+        ).sum(0)
+
+    def combine(self, weights: Tensor) -> Tensor:
+        return torch.cat([p.combine(weights) for p in self.parts], dim=1)
+
+    def combine_into(self, out: Tensor, weights: Tensor) -> None:
+        """``out += combine(weights)`` one group at a time."""
+        for p, (lo, hi) in zip(self.parts, self._ranges):
+            out[:, lo:hi].add_(p.combine(weights).to(out.dtype))
 
 
 def _join(parts: list[Tensor]) -> Tensor:
@@ -151,15 +220,6 @@ def _in_functorch() -> bool:
     """True inside ``torch.func`` transforms (vmap/grad), whose tensors must not escape."""
     level = getattr(torch._C._functorch, "maybe_current_level", None)
     return level is not None and level() is not None
-
-
-def _check_supported(name: str, m: nn.Module) -> None:
-    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-        if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
-            raise ValueError(
-                f"model: layer {name!r} uses groups, a padding mode or string padding that "
-                "hooks mode does not support (use the per-sample-gradient route)"
-            )
 
 
 class GraB:
@@ -199,17 +259,16 @@ class GraB:
         self.loss_reduction = loss_reduction
         self.layers: list[tuple[str, nn.Module]] = []
         params: dict[str, Tensor] = {}
-        kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
+        kinds = (nn.Linear, *_CONVS, nn.Embedding)
         for name, m in model.named_modules():
             if isinstance(m, kinds) and m.weight.requires_grad:
-                _check_supported(name, m)
                 self.layers.append((name, m))
                 params[f"{name}.weight"] = m.weight
                 bias = getattr(m, "bias", None)
                 if isinstance(bias, Tensor) and bias.requires_grad:
                     params[f"{name}.bias"] = bias
         if not params:
-            raise ValueError("model has no trainable Linear, Conv1d, Conv2d or Embedding layer")
+            raise ValueError("model has no trainable Linear, Conv1d/2d/3d or Embedding layer")
         self.params = params
         self.sampler = GraBSampler(data_source, params, balance_type, **sampler_kwargs)
         self._inputs: dict[int, list[Tensor]] = {}
@@ -259,11 +318,22 @@ class GraB:
             a = _join([x.reshape(b, -1, m.in_features) for x in xs])
             g = _join([gi.reshape(b, -1, m.out_features) for gi in gs]) * scale
         else:
-            assert isinstance(m, (nn.Conv1d, nn.Conv2d))
+            assert isinstance(m, _CONVS)
             a = _join([_unfold(m, x) for x in xs])
             out_ch = int(m.out_channels)
             g = _join([gi.reshape(b, out_ch, -1).transpose(1, 2) for gi in gs]) * scale
-        rows: list[Rows] = [FactoredRows(a.to(g.dtype), g)]
+        a = a.to(g.dtype)
+        rows: list[Rows]
+        groups = int(getattr(m, "groups", 1))
+        if groups == 1:
+            rows = [FactoredRows(a, g)]
+        else:
+            ci, co = int(a.shape[2]) // groups, int(g.shape[2]) // groups
+            parts = [
+                FactoredRows(a[:, :, j * ci : (j + 1) * ci], g[:, :, j * co : (j + 1) * co])
+                for j in range(groups)
+            ]
+            rows = [GroupedRows(parts)]
         bias = getattr(m, "bias", None)
         if isinstance(bias, Tensor) and bias.requires_grad:
             rows.append(DenseRows(g.sum(dim=1)))
