@@ -7,7 +7,7 @@ import torch
 
 from eigenpro3 import EigenPro2, KernelModel
 from eigenpro3.kernels import gaussian, laplacian
-from eigenpro3.preconditioner import single_thread
+from eigenpro3.preconditioner import preconditioned_top_eigenvalue, single_thread
 
 
 @pytest.fixture(autouse=True)
@@ -177,3 +177,29 @@ def test_cholesky_inner_solver_converges_and_rejects_no_cache() -> None:
     # the factor is computed at construction, so a missing cache is reported there
     with pytest.raises(ValueError, match="inner_solver='cholesky' needs the cached"):
         KernelModel(2, Z, "laplacian", cache=False, inner_solver="cholesky", verbose=False)
+
+
+def test_data_spectrum_estimate_is_debiased_towards_all_rows() -> None:
+    # d = 100, bandwidth 5: kernel rows are nearly orthogonal, so the top eigenvalue of
+    # P H_b on b = 1024 sampled rows carries about beta_P / b of each row's own
+    # diagonal. The model subtracts beta_P (1/b - 1/n); the result must match the
+    # top eigenvalue on all n rows (what the iteration applies), the raw one must not.
+    g = torch.Generator().manual_seed(0)
+    d, c, n = 100, 5, 3000
+    means = 0.35 * torch.randn(3 * c, d, generator=g, dtype=torch.float64)
+    comp = torch.randint(0, 3 * c, (n,), generator=g)
+    X = means[comp] + torch.randn(n, d, generator=g, dtype=torch.float64)
+    Y = torch.nn.functional.one_hot(comp % c, c).double()
+    model = KernelModel(c, X[:1500], "laplacian", X=X, y=Y, bandwidth=5.0, verbose=False)
+    nys = model.nystrom
+    z_s = model.centers.centers[nys.idx]
+
+    def top(rows: torch.Tensor) -> float:
+        gen = torch.Generator().manual_seed(1)
+        return preconditioned_top_eigenvalue(model.kernel_fn, rows, z_s, nys.F, generator=gen)
+
+    full = top(X)
+    raw = top(X[torch.randperm(n, generator=g)[:1024]])
+    assert raw > 1.3 * full  # the sampling bias is real here
+    assert nys.lam_data == pytest.approx(full, rel=0.15)
+    assert nys.critical_batch_size() == int(nys.beta_p / max(nys.lam_data, float(nys.eigvals[-1])))
