@@ -318,7 +318,7 @@ def update_factors(
                 f = t1 - t2
             step = lr / _moving_max(ell, lips[i], beta_lip).clamp_min(1e-30)
             if diag:
-                gain = 1 - step * f if geometry != "QUAD" else (1 - 0.5 * step * f) ** 2
+                gain = 1 - step * f if geometry != "QUAD" else (1 - step * f) ** 2
                 work[i] = q * gain
             elif geometry == "QEQ":
                 work[i] = torch.addmm(q, q, f, alpha=-float(step))
@@ -326,10 +326,12 @@ def update_factors(
                 nq = torch.addmm(q, f, q, alpha=-float(step))
                 procrustes_step(nq)
                 work[i] = nq
-            else:  # QUAD: P <- (I - s/2 F) P (I - s/2 F), symmetrised
-                half = 0.5 * float(step)
-                p1 = torch.addmm(q, f, q, alpha=-half)
-                p1 = torch.addmm(p1, p1, f, alpha=-half)
+            else:  # QUAD: P <- (I - s F) P (I - s F), symmetrised
+                # A full step s on each side: P moves at the rate that the reference's
+                # Q <- (I - s/2 F) Q (I - s/2 F) gives P = Q^2 (a half step per side on P
+                # fitted at half that rate and failed the delayed-XOR benchmark).
+                p1 = torch.addmm(q, f, q, alpha=-float(step))
+                p1 = torch.addmm(p1, p1, f, alpha=-float(step))
                 work[i] = p1.add_(p1.mH.clone()).mul_(0.5)
     for i, (q, new) in enumerate(zip(qs, work)):
         if geometry == "EQ" and q.dim() == 2:
