@@ -50,7 +50,7 @@ def convnet():
 def data(kind, n, gen):
     if kind in ("mlp", "conv1d"):
         return torch.randn(n, 6, generator=gen, dtype=torch.float64)
-    if kind in ("conv", "convmix"):
+    if kind in ("conv", "convmix", "norm"):
         return torch.randn(n, 1, 8, 8, generator=gen, dtype=torch.float64)
     return torch.randint(0, 7, (n, 4), generator=gen)
 
@@ -83,14 +83,37 @@ def conv1d_grouped():
     )
 
 
-MODELS = {"mlp": mlp, "conv": convnet, "seq": Seq, "convmix": convmix, "conv1d": conv1d_grouped}
+def normnet():
+    """LayerNorm (over two dims, one without bias), GroupNorm, eval-mode BatchNorm."""
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, stride=2),  # (B, 4, 3, 3)
+        nn.GroupNorm(2, 4),
+        nn.Tanh(),
+        nn.LayerNorm((3, 3), bias=False),
+        nn.Flatten(),
+        nn.Linear(36, 6),
+        nn.LayerNorm(6),
+        nn.BatchNorm1d(6).eval(),
+        nn.Tanh(),
+        nn.Linear(6, 3),
+    )
+
+
+MODELS = {
+    "norm": normnet,
+    "mlp": mlp,
+    "conv": convnet,
+    "seq": Seq,
+    "convmix": convmix,
+    "conv1d": conv1d_grouped,
+}
 
 
 @pytest.mark.parametrize(
     ("kind", "balance"),
     [
         (k, b)
-        for k in ["mlp", "conv", "seq", "convmix", "conv1d"]
+        for k in ["mlp", "conv", "seq", "convmix", "conv1d", "norm"]
         for b in ["mean", "pair", "recursive_pair"]
         if k in ("mlp", "conv", "seq") or b != "recursive_pair"
     ],
@@ -134,7 +157,7 @@ def test_hooks_with_batchnorm_dropout_and_eval_pass():
         nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 3)
     )
     grab = GraB(model, range(n), "mean", loss_reduction="mean")
-    assert all("1." not in k for k in grab.params)  # BatchNorm's parameters are not balanced
+    assert list(grab.params) == [k for k, _ in model.named_parameters()]  # BatchNorm's too
     x, y = torch.randn(n, 6), torch.randint(0, 3, (n,))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     orders = []
@@ -174,7 +197,7 @@ def test_hooks_errors():
     grab.remove()
 
 
-@pytest.mark.parametrize("kind", ["mlp", "conv", "seq", "convmix", "conv1d"])
+@pytest.mark.parametrize("kind", ["mlp", "conv", "seq", "convmix", "conv1d", "norm"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_hooks_rows_equal_per_sample_gradients(kind, reduction):
     """Each layer's rows give the per-sample gradients' Gram matrix, cross terms and sums."""
@@ -209,3 +232,25 @@ def test_hooks_rows_equal_per_sample_gradients(kind, reduction):
             r.combine_into(out, w)
             torch.testing.assert_close(out, aux + w @ dense, msg=name)
     grab.remove()
+
+
+def test_hooks_train_mode_batchnorm_rows_sum_to_batch_gradient():
+    """Train-mode BatchNorm: per-example rows of gamma/beta add up to the batch gradient."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten())
+    grab = GraB(model, range(8), loss_reduction="mean")
+    x = torch.randn(8, 1, 5, 5, dtype=torch.float64)
+    model.double()
+    target = torch.randn(8, 27, dtype=torch.float64)
+    nn.functional.mse_loss(model(x), target).backward()
+    rows = []
+    for i, (_, m) in enumerate(grab.layers):
+        rows.extend(grab._layer_rows(m, grab._inputs[i], grab._grads[i]))
+    ones = torch.ones(1, 8, dtype=torch.float64)
+    for r, (name, p) in zip(rows, grab.params.items()):
+        torch.testing.assert_close(r.combine(ones)[0] / 8, p.grad.reshape(-1), msg=name)
+    bn = model[1]
+    xh = (model[0](x) - model[0](x).mean((0, 2, 3), keepdim=True)) / torch.sqrt(
+        model[0](x).var((0, 2, 3), unbiased=False, keepdim=True) + bn.eps
+    )
+    torch.testing.assert_close(grab._inputs[1][0], xh.detach())

@@ -11,12 +11,15 @@ gradients never need ``G_i`` itself::
 product with a stored vector ``S`` is ``sum_t g_{i,t}^T S a_{i,t}``. Embedding
 gradients are handled the same way with index matches in place of
 activation inner products. :class:`GraB` registers forward hooks on
-``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Embedding`` layers, keeps
+``nn.Linear``, ``nn.Conv1d/2d/3d`` (any groups and padding mode),
+``nn.Embedding`` and normalization (LayerNorm, GroupNorm, BatchNorm) layers, keeps
 their inputs and (through a tensor hook) the gradients of their outputs
 during an ordinary ``loss.backward()``, and hands the result to a
 :class:`~grabsampler.GraBSampler` as rows that only answer inner-product
-questions. Other parameters (BatchNorm, LayerNorm, ...) are not part of the
-balanced vector; BatchNorm and Dropout layers in the model are fine. When a
+questions. The affine parameters of normalization layers are as small as a
+channel count: their per-example gradients (sums of ``g * x_hat`` and ``g``)
+are formed directly. Parameters of other layers are not part of the balanced
+vector; Dropout in the model is fine. When a
 sequence/convolution layer's ``B^2 T^2`` position-pair tensor would exceed
 ``_PAIR_BUDGET`` entries, that layer's per-example gradients are formed after
 all (one layer at a time).
@@ -211,6 +214,49 @@ class GroupedRows:
             out[:, lo:hi].add_(p.combine(weights).to(out.dtype))
 
 
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+
+
+def _trainable(m: nn.Module, names: tuple[str, ...] = ("weight", "bias")) -> list[str]:
+    """Names of ``m``'s own parameters among ``names`` that require gradients."""
+    out = []
+    for n in names:
+        p = getattr(m, n, None)
+        if isinstance(p, Tensor) and p.requires_grad:
+            out.append(n)
+    return out
+
+
+def _normalized(m: nn.Module, x: Tensor) -> Tensor:
+    """The normalized input ``x_hat`` of a LayerNorm / GroupNorm / BatchNorm layer.
+
+    The layer's output is ``weight * x_hat + bias`` (per element, per group or
+    per channel), so the per-example gradients of ``weight`` and ``bias`` are
+    the sums of ``g * x_hat`` and ``g`` over the positions the parameter is
+    shared by. BatchNorm uses the batch statistics in training mode and the
+    running ones otherwise, as its forward pass does.
+    """
+    if isinstance(m, nn.LayerNorm):
+        dims = tuple(range(x.dim() - len(m.normalized_shape), x.dim()))
+        mean = x.mean(dim=dims, keepdim=True)
+        var = x.var(dim=dims, unbiased=False, keepdim=True)
+        return (x - mean) * torch.rsqrt(var + m.eps)
+    if isinstance(m, nn.GroupNorm):
+        xg = x.reshape(x.shape[0], m.num_groups, -1)
+        mean = xg.mean(dim=2, keepdim=True)
+        var = xg.var(dim=2, unbiased=False, keepdim=True)
+        return ((xg - mean) * torch.rsqrt(var + m.eps)).reshape(x.shape)
+    assert isinstance(m, nn.modules.batchnorm._BatchNorm)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    if m.training or m.running_mean is None or m.running_var is None:
+        dims = (0, *range(2, x.dim()))
+        mean = x.mean(dim=dims, keepdim=True)
+        var = x.var(dim=dims, unbiased=False, keepdim=True)
+    else:
+        mean, var = m.running_mean.reshape(shape), m.running_var.reshape(shape)
+    return (x - mean) * torch.rsqrt(var + m.eps)
+
+
 def _join(parts: list[Tensor]) -> Tensor:
     """Concatenates along positions (dim 1); a single part is used as it is."""
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
@@ -262,13 +308,18 @@ class GraB:
         kinds = (nn.Linear, *_CONVS, nn.Embedding)
         for name, m in model.named_modules():
             if isinstance(m, kinds) and m.weight.requires_grad:
+                own = ["weight", *_trainable(m, ("bias",))]
+            elif isinstance(m, _NORMS):
+                own = _trainable(m)
+            else:
+                continue
+            if own:
                 self.layers.append((name, m))
-                params[f"{name}.weight"] = m.weight
-                bias = getattr(m, "bias", None)
-                if isinstance(bias, Tensor) and bias.requires_grad:
-                    params[f"{name}.bias"] = bias
+                params.update({f"{name}.{n}": getattr(m, n) for n in own})
         if not params:
-            raise ValueError("model has no trainable Linear, Conv1d/2d/3d or Embedding layer")
+            raise ValueError(
+                "model has no trainable Linear, Conv1d/2d/3d, Embedding or normalization layer"
+            )
         self.params = params
         self.sampler = GraBSampler(data_source, params, balance_type, **sampler_kwargs)
         self._inputs: dict[int, list[Tensor]] = {}
@@ -281,7 +332,11 @@ class GraB:
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
             if not torch.is_grad_enabled() or not output.requires_grad or _in_functorch():
                 return
-            self._inputs.setdefault(i, []).append(inputs[0].detach())
+            x = inputs[0].detach()
+            if isinstance(module, _NORMS):
+                with torch.no_grad():
+                    x = _normalized(module, x)  # with the statistics of this very pass
+            self._inputs.setdefault(i, []).append(x)
             slot = len(self._inputs[i]) - 1
 
             def grad_hook(g: Tensor) -> None:
@@ -308,6 +363,18 @@ class GraB:
     def _layer_rows(self, m: nn.Module, xs: list[Tensor], gs: list[Tensor]) -> list[Rows]:
         b = int(xs[0].shape[0])
         scale = float(b) if self.loss_reduction == "mean" else 1.0
+        if isinstance(m, _NORMS):
+            # per-example gradients of the affine parameters are as small as the
+            # parameters: formed directly, summed over the positions they are shared by
+            own = _trainable(m)
+            per = (b, -1, math.prod(m.normalized_shape)) if isinstance(m, nn.LayerNorm) else None
+            total: dict[str, Tensor] = {}
+            for xh, gi in zip(xs, gs):
+                for n in own:
+                    v = gi * xh if n == "weight" else gi
+                    v = v.reshape(per).sum(1) if per else v.reshape(b, v.shape[1], -1).sum(2)
+                    total[n] = total[n] + v if n in total else v
+            return [DenseRows(total[n] * scale) for n in own]
         if isinstance(m, nn.Embedding):
             idx = torch.cat([x.reshape(b, -1) for x in xs], dim=1)
             g = torch.cat([gi.reshape(b, -1, m.embedding_dim) for gi in gs], dim=1) * scale
