@@ -23,7 +23,10 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["DenseRows", "Rows", "rows_from_grads"]
+__all__ = ["CHUNK", "DenseRows", "Rows", "rows_from_grads"]
+
+#: column chunk of the batched update of wide rows
+CHUNK = 16384
 
 
 class Rows(Protocol):
@@ -63,8 +66,25 @@ class DenseRows:
         return weights.to(self.x.dtype) @ self.x
 
     def combine_into(self, out: Tensor, weights: Tensor) -> None:
-        """``out += combine(weights)`` in place (``out`` is ``(k, numel)``)."""
-        out.addmm_(weights.to(out.dtype), self.x.to(out.dtype))
+        """``out += combine(weights)`` in place (``out`` is ``(k, numel)``).
+
+        Wide rows are updated in column chunks by one batched product: a
+        ``(k, B) @ (B, n)`` product with tiny ``k`` and ``B`` runs far below memory
+        speed in BLAS, chunks of :data:`CHUNK` columns run faster.
+        """
+        w = weights.to(out.dtype)
+        x = self.x.to(out.dtype)
+        n = self.numel
+        if n < 16 * CHUNK or x.stride(1) != 1 or out.stride(1) != 1:
+            out.addmm_(w, x)
+            return
+        c = n // CHUNK
+        main = c * CHUNK
+        xv = x[:, :main].unflatten(1, (c, CHUNK)).transpose(0, 1)  # (C, B, CHUNK)
+        ov = out[:, :main].unflatten(1, (c, CHUNK)).transpose(0, 1)  # (C, k, CHUNK)
+        ov.baddbmm_(w.expand(c, -1, -1), xv)
+        if main < n:
+            out[:, main:].addmm_(w, x[:, main:])
 
 
 def rows_from_grads(
