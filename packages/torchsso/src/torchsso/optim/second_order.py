@@ -91,7 +91,9 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             ``step -> bool``).
         inv_interval: recompute the inverses every this many steps (or a callable);
             default ``None``: whenever the curvature was re-estimated.
-        kl_clip: if set, scale the update so that ``lr^2 sum(update . grad) <= kl_clip``.
+        kl_clip: KL clipping (default ``1e-3``; ``None`` turns it off): the preconditioned
+            gradient ``u`` is scaled, before momentum, so that ``lr^2 sum(u . grad) <= kl_clip``
+            (a bound on the step's predicted KL change; Ba et al., 2017).
         max_update_ratio: if set, the step of each layer block is scaled down to at most
             this fraction of the block's weight norm (a trust ratio in the spirit of
             PyTorch-SSO's LARS options; trades some speed for robustness to lr / damping).
@@ -126,7 +128,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         non_reg_for_bn: bool = False,
         curv_interval: Interval = 1,
         inv_interval: Interval | None = None,
-        kl_clip: float | None = None,
+        kl_clip: float | None = 1e-3,
         max_update_ratio: float | None = None,
         seed: int = 0,
     ) -> None:

@@ -64,7 +64,8 @@ class VIOptimizer(SecondOrderOptimizer):
             step runs at the mean and estimates it).
         seed: seed of the noise generator (offset by the rank in distributed runs so
             that ranks draw distinct samples).
-        **kwargs: ``acc_steps``, ``curv_interval``, ``inv_interval``, ``kl_clip`` of
+        **kwargs: ``acc_steps``, ``curv_interval``, ``inv_interval``, ``kl_clip`` (default
+            ``None`` here) of
             :class:`SecondOrderOptimizer`.
     """
 
@@ -108,6 +109,7 @@ class VIOptimizer(SecondOrderOptimizer):
         if curv_type == "Hessian":
             raise ValueError("curv_type='Hessian' is not available for VIOptimizer")
         ck = {"damping": 0.0, "ema_decay": 0.1, **(curv_kwargs or {})}
+        kwargs.setdefault("kl_clip", None)
         super().__init__(
             model, curv_type, curv_shapes, ck, lr=lr, momentum=momentum,
             momentum_type=momentum_type, seed=seed + 7919 * get_rank(), **kwargs,
