@@ -31,11 +31,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from . import _linalg
 from ._linalg import (
     apply_along,
+    gram_triu_into,
+    herm_mm,
     norm_lower_bound_herm,
     procrustes_step,
     solve_upper_h_along,
+    triu_addmm_,
     unfold_gram,
 )
 
@@ -279,7 +283,12 @@ def update_factors(
             if diag:
                 work[i] = q - step * (t1 - t2) * q
             else:
-                work[i] = torch.addmm(q, torch.triu(t1 - t2), q, alpha=-float(step))
+                # Q <- Q - s triu(T) Q: a product of two upper-triangular matrices
+                u = torch.triu(t1 - t2)
+                if q.shape[0] < 2 * _linalg._BLOCK:
+                    work[i] = torch.addmm(q, u, q, alpha=-float(step))
+                else:
+                    work[i] = triu_addmm_(q.clone(), u, q, -float(step))
     else:
         if pg is None or do_balance or geometry == "QEP":
             mats = (
@@ -326,16 +335,19 @@ def update_factors(
                 nq = torch.addmm(q, f, q, alpha=-float(step))
                 procrustes_step(nq)
                 work[i] = nq
-            else:  # QUAD: P <- (I - s F) P (I - s F), symmetrised
+            else:  # QUAD: P <- (I - s F) P (I - s F) = P - s (X + X^H) + s^2 X F, X = F P
                 # A full step s on each side: P moves at the rate that the reference's
                 # Q <- (I - s/2 F) Q (I - s/2 F) gives P = Q^2 (a half step per side on P
                 # fitted at half that rate and failed the delayed-XOR benchmark).
-                p1 = torch.addmm(q, f, q, alpha=-float(step))
-                p1 = torch.addmm(p1, p1, f, alpha=-float(step))
-                work[i] = p1.add_(p1.mH.clone()).mul_(0.5)
+                s = float(step)
+                x = f @ q
+                fpf = herm_mm(x, f)  # F P F is Hermitian: half of it is mirrored
+                new = fpf.mul_(s * s).add_(q)
+                new.sub_(x, alpha=s).sub_(x.mH, alpha=s)
+                work[i] = new
     for i, (q, new) in enumerate(zip(qs, work)):
         if geometry == "EQ" and q.dim() == 2:
-            _gram_into(q, new)
+            _gram_into(q, new, triangular=True)
         else:
             if new is not q:
                 q.copy_(new)
@@ -344,9 +356,12 @@ def update_factors(
                 _gram_into(cache, new)
 
 
-def _gram_into(out: Tensor, q: Tensor) -> None:
-    """``out <- Q^H Q`` without an intermediate when dtypes agree."""
-    if out.dtype == q.dtype:
-        torch.mm(q.mH, q, out=out)
+def _gram_into(out: Tensor, q: Tensor, triangular: bool = False) -> None:
+    """``out <- Q^H Q`` (exactly Hermitian; zero blocks skipped for upper-triangular ``q``)."""
+    if triangular and out.dtype == q.dtype and out.is_contiguous():
+        gram_triu_into(out, q)
+    elif triangular:
+        tmp = torch.empty_like(q)
+        out.copy_(gram_triu_into(tmp, q))
     else:
-        out.copy_(q.mH @ q)
+        out.copy_(herm_mm(q.mH, q))
