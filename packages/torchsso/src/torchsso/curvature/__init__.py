@@ -1,5 +1,6 @@
 """Layer-wise curvature: recording, per-layer math, and the Kron / Diag / Full / Unit blocks."""
 
+from .attention import AttentionKron
 from .capture import Capture, Record, output_vectors
 from .factory import SHAPES, build_blocks
 from .layers import kron_input, kron_output, per_example_grads
@@ -7,6 +8,7 @@ from .shapes import Diag, Full, Kron, LayerCurvature, Unit
 
 __all__ = [
     "SHAPES",
+    "AttentionKron",
     "Capture",
     "Diag",
     "Full",

@@ -6,6 +6,7 @@ import warnings
 
 from torch import nn
 
+from .attention import AttentionKron, attention_kron_supported
 from .layers import conv_supported
 from .shapes import Diag, Full, Kron, LayerCurvature, Unit
 
@@ -33,6 +34,8 @@ def _allowed(m: nn.Module) -> tuple[str, ...]:
         return ("Kron", "Diag", "Full")
     if isinstance(m, _NORM):
         return ("Diag", "Unit", "Full")
+    if attention_kron_supported(m):
+        return ("Kron", "Diag", "Full")
     return ("Diag", "Full")
 
 
@@ -74,7 +77,8 @@ def build_blocks(
     """One curvature block per module that owns trainable parameters.
 
     ``nn.MultiheadAttention`` is one block holding its projections (including
-    ``out_proj``, which it calls functionally). A parameter shared by several
+    ``out_proj``, which it calls functionally); with ``"Kron"`` it gets one pair of
+    Kronecker factors per projection (:class:`~torchsso.curvature.attention.AttentionKron`). A parameter shared by several
     modules belongs to the first one.
 
     Raises:
@@ -119,6 +123,16 @@ def build_blocks(
         ):
             shape = "Diag"
         bdim = 1 if isinstance(m, nn.MultiheadAttention) and not m.batch_first else 0
+        if isinstance(m, nn.MultiheadAttention) and shape == "Kron":
+            if names != AttentionKron.expected_names(m):
+                _warn_once(
+                    mname + "frozen",
+                    f"torchsso: attention {mname!r} has frozen projection parameters; using 'Diag'",
+                )
+                blocks.append(Diag(mname, m, names, params, bdim))
+                continue
+            blocks.append(AttentionKron(mname, m, names, params, bdim))
+            continue
         blocks.append(SHAPES[shape](mname, m, names, params, bdim))
     if not blocks:
         raise ValueError("model has no trainable parameters")
