@@ -21,3 +21,45 @@ def test_combine_into_matches_product(n, pad):
     DenseRows(x).combine_into(out, w)
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(DenseRows(x).combine(w), w @ x)
+
+
+def _state_equal(a, b):
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_state_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_state_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("kind", ["mean", "pair"])
+def test_dict_fast_path_matches_tensor_input_and_rejects_bad_batches(kind):
+    from grabsampler import GraBSampler
+
+    gen = torch.Generator().manual_seed(0)
+    n, batch, epochs = 18, 4, 3
+    params = {"w": torch.zeros(3, 4, dtype=torch.float64), "b": torch.zeros(3, dtype=torch.float64)}
+    table = torch.randn(epochs, n, 15, generator=gen, dtype=torch.float64) + 0.5
+    fast = GraBSampler(range(n), params, kind, seed=1)
+    slow = GraBSampler(range(n), params, kind, seed=1)
+    assert fast._flat_ok
+    for e in range(epochs):
+        order = list(iter(fast))
+        assert list(iter(slow)) == order
+        for s in range(0, n, batch):
+            rows = table[e, order[s : s + batch]]
+            # non-contiguous per-parameter tensors in the dict
+            w = rows[:, :12].reshape(-1, 4, 3).transpose(1, 2)
+            fast.step({"w": w, "b": rows[:, 12:]})
+            slow.step(rows)
+            if e == 1 and s == 0:
+                before = fast.state_dict()
+                bad = rows[:, 12:].clone()
+                bad[1, 2] = float("nan")
+                with pytest.raises(ValueError, match="non-finite"):
+                    fast.step({"w": w, "b": bad})
+                with pytest.raises(ValueError, match="entries per example"):
+                    fast.step({"w": w[:, :2], "b": rows[:, 12:]})
+                assert _state_equal(fast.state_dict(), before)
+    assert list(iter(fast)) == list(iter(slow))

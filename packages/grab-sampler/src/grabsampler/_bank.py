@@ -163,21 +163,65 @@ class AuxBank:
             for r in xs
         ):
             return None
+        xw = self._fill([r.x for r in xs], b)  # type: ignore[attr-defined]
+        return self._flat_matrix(xw, b, ka, host)
+
+    def _fill(self, xs: list[Tensor], b: int) -> Tensor:
+        """Copies the batch's ``(B, n_i)`` small-tensor rows into the workspace; returns them."""
         if b > self.cap:
             self._grow_cap(b)
-        lo = self.cap - b
-        xw = self.work[lo : self.cap]
+        xw = self.work[self.cap - b : self.cap]
         if len(xs) == 1:
-            xw.copy_(xs[0].x)  # type: ignore[attr-defined]
+            xw.copy_(xs[0])
         else:
-            torch.cat([r.x for r in xs], dim=1, out=xw)  # type: ignore[attr-defined]
+            torch.cat(xs, dim=1, out=xw)
         self._flat = DenseRows(xw)
-        z = self.work[lo : self.cap + ka]
+        return xw
+
+    def _flat_matrix(self, xw: Tensor, b: int, ka: int, host: bool) -> Tensor | list[list[float]]:
+        """The small block's ``[batch; stored] x batch`` products (all of them if ``host``)."""
+        z = self.work[self.cap - b : self.cap + ka]
         if host and (xw.shape[1] <= ONE_PRODUCT_COLS or ka == 0):
             return (z @ z.T).tolist()
         # a (B + k_a, B) product (BLAS kernels favour B = 16 columns); the stored
         # vectors' own inner products come separately
-        return torch.mm(z, xw.T)
+        f = torch.mm(z, xw.T)
+        if not host:
+            return f
+        act = self.blocks[0][:ka]
+        fl, sl = f.tolist(), (act @ act.T).tolist()
+        cross = fl[b:]
+        out = [row + [c[i] for c in cross] for i, row in enumerate(fl[:b])]
+        out += [row + srow for row, srow in zip(cross, sl)]
+        return out
+
+    def flat_gram(self, xs: list[Tensor], b: int) -> list[list[float]]:
+        """:meth:`gram_lists` for a bank that is one small block, from ``(B, n_i)`` tensors.
+
+        The tensors must have the bank's dtype and device and match its sizes
+        (the caller checks); :meth:`flat_apply` then updates the stored vectors.
+        """
+        xw = self._fill(xs, b)
+        out = self._flat_matrix(xw, b, self.k - self.passive, True)
+        assert isinstance(out, list)
+        return out
+
+    def flat_apply(
+        self,
+        changed: Sequence[int],
+        wx: Tensor | list[list[float]],
+        terms: Sequence[tuple[int, int, float]] = (),
+    ) -> None:
+        """:meth:`apply` after :meth:`flat_gram`."""
+        assert self._flat is not None
+        if terms or not changed or list(changed) != list(range(changed[0], changed[-1] + 1)):
+            self.apply([], [self._flat], changed, wx, terms)
+            return
+        if isinstance(wx, Tensor):
+            w = wx.to(device=self.device, dtype=self.dtype)
+        else:
+            w = torch.tensor(wx, dtype=self.dtype, device=self.device)
+        self.blocks[0][changed[0] : changed[-1] + 1].addmm_(w, self._flat.x)
 
     def _stored_gram(self, ka: int) -> list[list[float]]:
         """Inner products of the ``ka`` active stored vectors (tracked on the host)."""

@@ -149,6 +149,13 @@ class GraBSampler(Sampler[int]):
             self.device,
             passive=self.balancer.passive,
         )
+        #: the fast path of :meth:`_flat_step` applies (one small block, list-based balancer)
+        self._flat_ok = (
+            self.bank.has_small
+            and len(self.bank.groups) == 1
+            and self.balancer.host_gram
+            and self.balancer.uses_gradients
+        )
         self.epoch = -1
         self.in_epoch = False
         self.position = 0
@@ -195,8 +202,45 @@ class GraBSampler(Sampler[int]):
                 ``trainable_params``, a batch larger than the data or than what is
                 left of the epoch, non-finite gradients. The sampler is unchanged.
         """
+        if type(per_sample_grads) is dict and self._flat_ok and self._flat_step(per_sample_grads):
+            return
         with torch.no_grad():
             self._step_rows(rows_from_grads(per_sample_grads, self.names, self.sizes))
+
+    def _flat_step(self, grads: dict[str, Tensor]) -> bool:
+        """Fast path for small models: a dict of well-formed gradients, one small block.
+
+        Returns False, with nothing changed, when the input needs the general
+        path (which also produces the error messages).
+        """
+        if len(grads) != len(self.names) or not self.in_epoch:
+            return False
+        views: list[Tensor] = []
+        b = -1
+        for name, size in zip(self.names, self.sizes):
+            t = grads.get(name)
+            if t is None or t.dim() < 1 or t.dtype != self.dtype or t.device != self.device:
+                return False
+            if b < 0:
+                b = int(t.shape[0])
+            if t.shape[0] != b or t.numel() != b * size:
+                return False
+            views.append(t.view(b, size) if t.is_contiguous() else t.reshape(b, size))
+        if b <= 0 or self.position + b > self.n:
+            return False
+        if self.balancer.aux_rows(b) > self.bank.k:
+            return False
+        with torch.no_grad():
+            g = self.bank.flat_gram(views, b)
+            if not math.isfinite(sum(map(sum, g[:b]))):
+                raise ValueError(
+                    "per_sample_grads contain non-finite values (inf or nan, or too large to square)"
+                )
+            update = self.balancer.step(g, self.order[self.position : self.position + b])
+            if update is not None:
+                self.bank.flat_apply(*update)
+        self.position += b
+        return True
 
     def _check_batch(self, b: int) -> None:
         if not self.in_epoch:
