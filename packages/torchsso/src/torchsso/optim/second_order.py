@@ -356,8 +356,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                 old = st.get("curv_" + k)
                 if old is None or self.ema_decay == 1.0:
                     st["curv_" + k] = v.detach()
-                else:  # in place (as torch.optim's moment buffers)
-                    old.mul_(1.0 - self.ema_decay).add_(v, alpha=self.ema_decay)
+                else:  # in place (as torch.optim's moment buffers), one fused kernel
+                    old.lerp_(v, self.ema_decay)
             updated = True
         return updated
 
