@@ -155,6 +155,18 @@ class TwoEnded:
             self.slots[self.right] = index
             self.right -= 1
 
+    def put_many(self, indices: list[int], signs: list[int]) -> None:
+        """``put`` for several examples in order."""
+        front = [i for i, e in zip(indices, signs) if e > 0]
+        back = [i for i, e in zip(indices, signs) if e <= 0]
+        if self.left + len(front) > self.right + 1 - len(back):
+            raise RuntimeError("internal error: more examples placed than the epoch holds")
+        self.slots[self.left : self.left + len(front)] = front
+        self.left += len(front)
+        if back:
+            self.slots[self.right - len(back) + 1 : self.right + 1] = back[::-1]
+            self.right -= len(back)
+
     def finish(self, middle: list[int]) -> list[int]:
         """Fills the unplaced middle with ``middle`` (examples not balanced) and returns."""
         if len(middle) != self.right - self.left + 1:

@@ -73,6 +73,7 @@ class MeanBalance(Balancer):
         # <sum_i w_i c_i, c_j> = sum_i w_i <x_i, x_j> - sum_i w_i <x_i, m>
         #                        - (sum_i w_i) (<x_j, m> - <m, m>)
         w = [0.0] * b
+        eps = [0] * b
         wsum = wm = 0.0
         for j in range(b):
             dot = a0[j]
@@ -81,11 +82,12 @@ class MeanBalance(Balancer):
             if normalize:
                 dot *= sc[j]
             e = (1 if dot < 0 else -1) if greedy else self.decider.sign(dot, us[j])
+            eps[j] = e
             wj = e * sc[j]
             w[j] = wj
             wsum += wj
             wm += wj * rm[j]
-            self.place.put(indices[j], e)
+        self.place.put_many(indices, eps)
         self.count += b
         self.sigma += wsum  # s += sum_i w_i (x_i - m): u += sum_i w_i x_i, sigma += sum_i w_i
         return [U, T], [w, [1.0] * b], []
