@@ -125,35 +125,38 @@ def procrustes_step(q: Tensor, max_step: float = 0.125) -> None:
 _BLOCK = 192
 
 
-def _mirror(out: Tensor, h: int) -> None:
-    """Fill the lower off-diagonal block of a Hermitian ``out`` from its upper one."""
-    out[h:, :h].copy_(out[:h, h:].mH)
+def _symmetrize_(out: Tensor) -> Tensor:
+    """Make ``out`` exactly Hermitian from its upper triangle (in place)."""
+    lower = torch.tril(out.mH, -1)
+    return out.triu_().add_(lower)
 
 
 def herm_mm(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` for a product known to be Hermitian (``(n, k) @ (k, n)``).
 
     Only the diagonal blocks and the upper off-diagonal blocks are multiplied; the
-    lower ones are mirrored, so the result is exactly Hermitian.
+    lower triangle is mirrored from the upper one (exactly Hermitian result).
     """
     n = a.shape[0]
     if n < 2 * _BLOCK:
         return a @ b
-    out = torch.empty(n, n, dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
-    _herm_into(out, a, b)
-    return out
+    # accumulate into zeros: a product into uninitialised memory (beta=0) can hit
+    # NaN/denormal garbage and a much slower BLAS path
+    out = torch.zeros(n, n, dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
+    _herm_acc(out, a, b)
+    return _symmetrize_(out)
 
 
-def _herm_into(out: Tensor, a: Tensor, b: Tensor) -> None:
+def _herm_acc(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """``out += a @ b`` on the diagonal and upper off-diagonal blocks only."""
     n = out.shape[0]
     if n < 2 * _BLOCK:
-        out.addmm_(a, b, beta=0)
+        out.addmm_(a, b)
         return
     h = n // 2
-    _herm_into(out[:h, :h], a[:h], b[:, :h])
-    out[:h, h:].addmm_(a[:h], b[:, h:], beta=0)
-    _herm_into(out[h:, h:], a[h:], b[:, h:])
-    _mirror(out, h)
+    _herm_acc(out[:h, :h], a[:h], b[:, :h])
+    out[:h, h:].addmm_(a[:h], b[:, h:])
+    _herm_acc(out[h:, h:], a[h:], b[:, h:])
 
 
 def triu_addmm_(out: Tensor, u: Tensor, q: Tensor, alpha: float) -> Tensor:
@@ -182,12 +185,19 @@ def gram_triu_into(out: Tensor, q: Tensor) -> Tensor:
     if n < 2 * _BLOCK:
         if out.is_contiguous():
             return torch.mm(q.mH, q, out=out)
-        return out.addmm_(q.mH, q, beta=0)
+        return out.copy_(q.mH @ q)
+    out.zero_()
+    _gram_triu_acc(out, q)
+    return _symmetrize_(out)
+
+
+def _gram_triu_acc(out: Tensor, q: Tensor) -> None:
+    n = out.shape[0]
+    if n < 2 * _BLOCK:
+        out.addmm_(q.mH, q)
+        return
     h = n // 2
-    gram_triu_into(out[:h, :h], q[:h, :h])
-    out[:h, h:].addmm_(q[:h, :h].mH, q[:h, h:], beta=0)
-    gram_triu_into(out[h:, h:], q[h:, h:])
-    q12 = q[:h, h:]
-    out[h:, h:].add_(herm_mm(q12.mH, q12))
-    _mirror(out, h)
-    return out
+    _gram_triu_acc(out[:h, :h], q[:h, :h])
+    out[:h, h:].addmm_(q[:h, :h].mH, q[:h, h:])
+    _gram_triu_acc(out[h:, h:], q[h:, h:])
+    _herm_acc(out[h:, h:], q[:h, h:].mH, q[:h, h:])
