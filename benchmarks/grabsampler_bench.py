@@ -318,6 +318,19 @@ def table(step_rows, hooks, train_res, orig) -> str:
             f"| {r['pair_step_ms']:.2f} ({r['pair_ratio']:.2f}x) "
             f"| {r['original_style_ms']:.2f} ({r['original_style_ratio']:.2f}x) |"
         )
+    lines += ["", "Issue targets (ratios measured side by side in this run):", ""]
+    for r, target in zip(step_rows, (0.2, 0.2, 0.3)):
+        worst = max(r["mean_ratio"], r["pair_ratio"])
+        verdict = "met" if worst <= target else "**missed**"
+        lines.append(
+            f"- step / per-sample grads at d = {r['d']:,}: {r['mean_ratio']:.2f}x (mean), "
+            f"{r['pair_ratio']:.2f}x (pair), target <= {target}x: {verdict}"
+        )
+    verdict = "met" if hooks["hooks_ratio"] <= 1.5 else "**missed**"
+    lines.append(
+        f"- hooks step / plain step (MLP d = {hooks['d']:,}): {hooks['hooks_ratio']:.2f}x, "
+        f"target <= 1.5x: {verdict}"
+    )
     lines += [
         "",
         f"Hooks mode, MLP d = {hooks['d']:,}, B = 16: plain step {hooks['plain_ms']:.1f} ms, "
