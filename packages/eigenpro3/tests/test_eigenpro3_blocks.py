@@ -87,3 +87,19 @@ def test_auto_inner_solver_picks_cholesky_only_when_it_fits() -> None:
     assert sharded.inner_solver == "eigenpro2"
     with pytest.raises(ValueError, match="inner_solver must be"):
         KernelModel(2, z, "laplacian", inner_solver="lu", **kw)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["laplacian", "gaussian", "dispersal"])
+def test_compiled_elementwise_pass_equals_eager(name: str) -> None:
+    # torch.compile needs a C++ compiler on CPU (~10 s per kernel): slow test
+    x, z = _data(70, 90, dtype=torch.float32)
+    eager = get_kernel(name, bandwidth=1.5)
+    fused = get_kernel(name, bandwidth=1.5, compiled=True)
+    assert isinstance(fused, RadialKernel) and fused.compiled
+    zp = fused.prepare(z)
+    buf = torch.empty(70, 90)
+    for rows in (70, 33):  # dynamic shapes: one compilation serves both
+        out = fused.block(x[:rows], zp, out=buf[:rows])
+        assert out.data_ptr() == buf.data_ptr()
+        torch.testing.assert_close(out, eager(x[:rows], z), rtol=1e-5, atol=1e-6)

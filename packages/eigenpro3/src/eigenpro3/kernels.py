@@ -12,6 +12,7 @@ kernel as well; :func:`get_kernel` turns a name into a kernel callable.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from functools import partial
 
@@ -77,13 +78,38 @@ def _augment_centers(z: Tensor, scale: float) -> Tensor:
     return out
 
 
+_COMPILED: dict[float, Callable[[Tensor], Tensor]] = {}
+
+
+def _compiled_tail(power: float) -> Callable[[Tensor], Tensor]:
+    """``o <- exp(-clamp(o, 0)^power)`` in place as one ``torch.compile``-fused pass."""
+    fn = _COMPILED.get(power)
+    if fn is None:
+
+        def tail(o: Tensor) -> Tensor:
+            t = torch.clamp(o, min=0.0)
+            if power == 0.5:
+                t = torch.sqrt(t)
+            elif power != 1.0:
+                t = torch.pow(t, power)
+            return o.copy_(torch.exp(-t))
+
+        fn = torch.compile(tail, dynamic=True)
+        _COMPILED[power] = fn
+    return fn
+
+
 class RadialKernel:
     """``K(x, z) = exp(-(c |x - z|^2)^a)``: Laplacian, Gaussian and dispersal kernels.
 
     Blocks are evaluated with one matrix product into an optionally
     preallocated output (:meth:`block`), followed by in-place elementwise
     passes (``clamp_``, ``sqrt_`` / ``pow_``, ``neg_``, ``exp_``); the centers'
-    augmented, transposed form is computed once by :meth:`prepare`.
+    augmented, transposed form is computed once by :meth:`prepare`. With
+    ``compiled=True`` the elementwise passes run as one pass fused by
+    ``torch.compile`` (about 2.5x faster on CPU at 765 x 4000, after a one-time
+    compilation of ~10 s per process; falls back to the eager passes with a
+    warning if compilation fails).
 
     Args:
         name: ``"laplacian"`` (``a = 1/2``, ``c = 1 / bandwidth^2``),
@@ -91,9 +117,12 @@ class RadialKernel:
             ``"dispersal"`` (``a = gamma / 2``, ``c = 1 / bandwidth^2``).
         bandwidth: positive bandwidth.
         gamma: exponent of the dispersal kernel, in ``(0, 2]``.
+        compiled: fuse the elementwise passes with ``torch.compile``.
     """
 
-    def __init__(self, name: str, bandwidth: float = 1.0, gamma: float = 1.5) -> None:
+    def __init__(
+        self, name: str, bandwidth: float = 1.0, gamma: float = 1.5, compiled: bool = False
+    ) -> None:
         _check_bandwidth(bandwidth)
         if name == "laplacian":
             c, a = 1.0 / bandwidth**2, 0.5
@@ -108,6 +137,7 @@ class RadialKernel:
         self.name, self.bandwidth, self.gamma = name, float(bandwidth), float(gamma)
         self.scale = math.sqrt(c)
         self.power = a
+        self.compiled = bool(compiled)
 
     def __repr__(self) -> str:
         extra = f", gamma={self.gamma}" if self.name == "dispersal" else ""
@@ -128,6 +158,18 @@ class RadialKernel:
             )
         xa = _augment_rows(x, self.scale)
         out = torch.mm(xa, z_prepared) if out is None else torch.mm(xa, z_prepared, out=out)
+        if self.compiled:
+            try:
+                return _compiled_tail(self.power)(out)
+            except Exception as err:  # no compiler / unsupported backend: eager passes
+                warnings.warn(
+                    f"torch.compile of the kernel's elementwise pass failed ({err!r}); "
+                    "using the eager passes",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self.compiled = False
+                out = torch.mm(xa, z_prepared, out=out)
         out.clamp_(min=0.0)
         if self.power == 0.5:
             out.sqrt_()
@@ -211,7 +253,7 @@ def get_kernel(kernel: str | KernelFn, **kwargs: float) -> KernelFn:
     Args:
         kernel: a name in :data:`KERNELS` or a callable ``K(X, Z)``.
         **kwargs: keyword arguments bound to the named kernel (``bandwidth``,
-            ``depth``, ``gamma``).
+            ``depth``, ``gamma``; ``compiled=True`` for the radial ones).
 
     Raises:
         ValueError: for an unknown name. TypeError: for a non-callable.
@@ -220,7 +262,8 @@ def get_kernel(kernel: str | KernelFn, **kwargs: float) -> KernelFn:
         if kernel not in KERNELS:
             raise ValueError(f"Unknown kernel_fn {kernel!r}; expected one of {sorted(KERNELS)}")
         if kernel in ("laplacian", "gaussian", "dispersal"):
-            return RadialKernel(kernel, **kwargs)
+            compiled = bool(kwargs.pop("compiled", False))
+            return RadialKernel(kernel, compiled=compiled, **kwargs)
         return partial(KERNELS[kernel], **kwargs)
     if not callable(kernel):
         raise TypeError(f"kernel_fn must be a kernel name or a callable, got {type(kernel)}")
