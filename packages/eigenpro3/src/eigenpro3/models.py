@@ -250,7 +250,7 @@ class KernelModel(TrainingLoops, Checkpointing):
         The top eigenvalue of ``P H_b`` on ``b`` sampled rows is biased upwards by
         each row's own contribution, about ``beta_P / b`` for kernels whose rows are
         nearly orthogonal (high dimensions): on the synthetic d = 100 benchmark data
-        ``lam_b - beta_P / b`` stayed at 1.2-1.3e-3 for b = 256 ... 8192 while
+        ``lam_b - beta_P / b`` stayed at 1.18-1.32e-3 for b = 256 ... 8192 while
         ``lam_b`` fell from 5.0e-3 to 1.3e-3. The iteration's operator is ``H_n`` on
         all ``n`` rows, so ``beta_P (1/b - 1/n)`` is subtracted (never more than
         3/4 of the measurement; no correction when ``b = n``).
