@@ -125,17 +125,27 @@ def procrustes_step(q: Tensor, max_step: float = 0.125) -> None:
 _BLOCK = 192
 
 
-def _symmetrize_(out: Tensor) -> Tensor:
-    """Make ``out`` exactly Hermitian from its upper triangle (in place)."""
-    lower = torch.tril(out.mH, -1)
-    return out.triu_().add_(lower)
+def _mirror_(out: Tensor) -> Tensor:
+    """Copy the upper off-diagonal blocks of the block split to the lower ones (in place).
+
+    Used after ``_herm_acc``/``_gram_triu_acc``, which write the diagonal base blocks in
+    full and only the upper off-diagonal blocks at every level of the same split.
+    """
+    n = out.shape[0]
+    if n < 2 * _BLOCK:
+        return out
+    h = n // 2
+    out[h:, :h].copy_(out[:h, h:].mH)
+    _mirror_(out[:h, :h])
+    _mirror_(out[h:, h:])
+    return out
 
 
 def herm_mm(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` for a product known to be Hermitian (``(n, k) @ (k, n)``).
 
     Only the diagonal blocks and the upper off-diagonal blocks are multiplied; the
-    lower triangle is mirrored from the upper one (exactly Hermitian result).
+    lower off-diagonal blocks are copied from the upper ones.
     """
     n = a.shape[0]
     if n < 2 * _BLOCK:
@@ -144,7 +154,7 @@ def herm_mm(a: Tensor, b: Tensor) -> Tensor:
     # NaN/denormal garbage and a much slower BLAS path
     out = torch.zeros(n, n, dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
     _herm_acc(out, a, b)
-    return _symmetrize_(out)
+    return _mirror_(out)
 
 
 def _herm_acc(out: Tensor, a: Tensor, b: Tensor) -> None:
@@ -176,7 +186,7 @@ def triu_addmm_(out: Tensor, u: Tensor, q: Tensor, alpha: float) -> Tensor:
 
 
 def gram_triu_into(out: Tensor, q: Tensor) -> Tensor:
-    """``out <- Q^H Q`` for an upper-triangular ``q`` (exactly Hermitian result).
+    """``out <- Q^H Q`` for an upper-triangular ``q`` (lower off-diagonal blocks mirrored).
 
     With ``Q = [[Q11, Q12], [0, Q22]]``: ``P11 = Q11^H Q11``, ``P12 = Q11^H Q12`` and
     ``P22 = Q12^H Q12 + Q22^H Q22``; the triangular Grams recurse.
@@ -188,7 +198,7 @@ def gram_triu_into(out: Tensor, q: Tensor) -> Tensor:
         return out.copy_(q.mH @ q)
     out.zero_()
     _gram_triu_acc(out, q)
-    return _symmetrize_(out)
+    return _mirror_(out)
 
 
 def _gram_triu_acc(out: Tensor, q: Tensor) -> None:

@@ -20,6 +20,7 @@ O. Pooladzandi, X.-L. Li, kron-torch (2024).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -140,15 +141,14 @@ class Kron(PSGDBase):
     # ------------------------------------------------------------------ layout
     @staticmethod
     def _layout(group: dict[str, Any], p: Tensor) -> tuple[tuple[int, ...], tuple[bool, ...]]:
-        shape = F.merged_shape(p.shape, group["merge_dims"])
-        dense = F.choose_dense(
-            shape,
-            max_size=group["max_size_triangular"],
-            min_ndim=group["min_ndim_triangular"],
-            max_skew=group["max_skew_triangular"],
-            memory_save_mode=group["memory_save_mode"],
+        return _layout_of(
+            tuple(p.shape),
+            bool(group["merge_dims"]),
+            group["max_size_triangular"],
+            group["min_ndim_triangular"],
+            group["max_skew_triangular"],
+            group["memory_save_mode"],
         )
-        return shape, dense
 
     def _init_state(self, group: dict[str, Any], p: Tensor, g: Tensor) -> None:
         shape, dense = self._layout(group, p)
@@ -315,11 +315,33 @@ class Kron(PSGDBase):
         )
 
 
+@functools.lru_cache(maxsize=4096)
+def _layout_of(
+    shape: tuple[int, ...],
+    merge_dims: bool,
+    max_size: float,
+    min_ndim: int,
+    max_skew: float,
+    memory_save_mode: str | None,
+) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+    """Working shape and dense-factor choice (memoised: called for every parameter and step)."""
+    merged = F.merged_shape(shape, merge_dims)
+    dense = F.choose_dense(
+        merged,
+        max_size=max_size,
+        min_ndim=min_ndim,
+        max_skew=max_skew,
+        memory_save_mode=memory_save_mode,
+    )
+    return merged, dense
+
+
 def _all_finite(tensors: list[Tensor]) -> list[bool]:
-    """Per-tensor finiteness with one host sync (min/max propagate NaN and reveal inf)."""
+    """Per-tensor finiteness with one fused reduction and one host sync.
+
+    The max-abs norm propagates NaN and is infinite exactly when an entry is.
+    """
     if not tensors:
         return []
-    ext = torch.stack(
-        [torch.stack(torch.aminmax(t.detach().reshape(-1).real)).float() for t in tensors]
-    )
-    return torch.isfinite(ext).all(dim=1).tolist()
+    norms = torch._foreach_norm([t.detach() for t in tensors], ord=math.inf)
+    return torch.isfinite(torch.stack([n.float() for n in norms])).tolist()
