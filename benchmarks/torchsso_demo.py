@@ -43,8 +43,8 @@ def _methods():
 
     def vogn(m):
         opt = torchsso.VIOptimizer(
-            m, 1437, "Cov", {"Linear": "Diag"}, {"ema_decay": 0.1}, lr=3e-3, momentum=0.9,
-            prior_variance=0.1, kl_weighting=0.2,
+            m, 1437, "Cov", {"Linear": "Diag"}, {"ema_decay": 0.1, "damping": 1e-2}, lr=2e-3,
+            momentum=0.9, prior_variance=1.0, kl_weighting=0.2,
         )  # fmt: skip
         return opt, True
 
