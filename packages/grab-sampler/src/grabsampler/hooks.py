@@ -272,8 +272,9 @@ class GraB:
     """GraB for ordinary training loops: no per-sample gradients are ever formed.
 
     Args:
-        model: the network; its ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` and
-            ``nn.Embedding`` layers with trainable parameters are balanced.
+        model: the network; the trainable parameters of its ``nn.Linear``,
+            ``nn.Conv1d/2d/3d``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.GroupNorm``
+            and ``nn.BatchNorm*d`` layers are balanced.
         data_source: the training set (only ``len`` is used).
         balance_type: see :class:`~grabsampler.GraBSampler`.
         loss_reduction: ``"mean"`` if the loss averages over the batch (output
