@@ -40,6 +40,9 @@ def test_triangular_products(dtype: torch.dtype) -> None:
     L.gram_triu_into(p, q)
     torch.testing.assert_close(p, q.mH @ q, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(p, p.mH, rtol=1e-14, atol=1e-14)
+    x = torch.randn(n, 7, generator=gen, dtype=dtype)
+    torch.testing.assert_close(L.triu_left_mm(q, x), q @ x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(L.triu_right_mm_t(x.mT, q), x.mT @ q.mT, rtol=1e-12, atol=1e-12)
     # through a non-contiguous output as well
     big = torch.zeros(n, 2 * n, dtype=dtype)
     L.gram_triu_into(big[:, ::2], q)

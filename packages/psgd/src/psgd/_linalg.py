@@ -17,6 +17,8 @@ __all__ = [
     "procrustes_step",
     "solve_upper_h_along",
     "triu_addmm_",
+    "triu_left_mm",
+    "triu_right_mm_t",
     "unfold_gram",
 ]
 
@@ -211,3 +213,34 @@ def _gram_triu_acc(out: Tensor, q: Tensor) -> None:
     out[:h, h:].addmm_(q[:h, :h].mH, q[:h, h:])
     _gram_triu_acc(out[h:, h:], q[h:, h:])
     _herm_acc(out[h:, h:], q[:h, h:].mH, q[:h, h:])
+
+
+def triu_left_mm(q: Tensor, x: Tensor) -> Tensor:
+    """``q @ x`` for an upper-triangular ``q`` (``(n, n) @ (n, m)``), zero blocks skipped."""
+    n = q.shape[0]
+    if n < 2 * _BLOCK:
+        return q @ x
+    out = torch.zeros(n, x.shape[1], dtype=torch.promote_types(q.dtype, x.dtype), device=x.device)
+    _triu_left_acc(out, q, x)
+    return out
+
+
+def triu_right_mm_t(x: Tensor, q: Tensor) -> Tensor:
+    """``x @ q^T`` for an upper-triangular ``q`` (``(m, n) @ (n, n)``), zero blocks skipped."""
+    n = q.shape[0]
+    if n < 2 * _BLOCK:
+        return x @ q.mT
+    out = torch.zeros(x.shape[0], n, dtype=torch.promote_types(q.dtype, x.dtype), device=x.device)
+    _triu_left_acc(out.mT, q, x.mT)  # (x q^T)^T = q x^T
+    return out
+
+
+def _triu_left_acc(out: Tensor, q: Tensor, x: Tensor) -> None:
+    n = q.shape[0]
+    if n < 2 * _BLOCK:
+        out.addmm_(q, x)
+        return
+    h = n // 2
+    _triu_left_acc(out[:h], q[:h, :h], x[:h])
+    out[:h].addmm_(q[:h, h:], x[h:])
+    _triu_left_acc(out[h:], q[h:, h:], x[h:])

@@ -40,6 +40,8 @@ from ._linalg import (
     procrustes_step,
     solve_upper_h_along,
     triu_addmm_,
+    triu_left_mm,
+    triu_right_mm_t,
     unfold_gram,
 )
 
@@ -274,7 +276,10 @@ def update_factors(
         assert v is not None
         a, b = h, v
         for i, q in enumerate(work):
-            a = apply_along(q, a, i)
+            if a.dim() == 2 and q.dim() == 2:  # A = Q_1 H Q_2^T: triangular products
+                a = triu_left_mm(q, a) if i == 0 else triu_right_mm_t(a, q)
+            else:
+                a = apply_along(q, a, i)
             b = solve_upper_h_along(q, b, i)
         for i, q in enumerate(work):
             diag = q.dim() < 2
