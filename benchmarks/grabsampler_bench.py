@@ -27,6 +27,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import json
 import os
@@ -114,6 +115,25 @@ def median_time(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict, reps: int, block: int = 4) -> dict:
+    """Median times of several functions measured in alternating blocks.
+
+    Each round runs every function ``block`` times in a row and keeps the last
+    ``block - 1`` timings (the first warms its caches), so a burst of load from
+    other jobs on a shared machine hits all of them alike.
+    """
+    times: dict = {k: [] for k in fns}
+    rounds = max(1, -(-reps // (block - 1)))
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            fn()
+            for _ in range(block - 1):
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 class OriginalStyle:
     """The original release's step: (B, d) concatenation, one example at a time."""
 
@@ -147,20 +167,23 @@ def bench_step(quick: bool) -> list[dict]:
         d = sum(p.numel() for p in params.values())
         psg = per_sample_fn(model)
         xb, yb = x[:B], y[:B]
-        t_psg = median_time(lambda psg=psg, xb=xb, yb=yb, p=params: psg(p, xb, yb), reps)
         grads = psg(params, xb, yb)
         n = 10**6
-        row = {"model": name, "d": d, "per_sample_grads_ms": 1e3 * t_psg}
+        fns = {"psg": lambda psg=psg, xb=xb, yb=yb, p=params: psg(p, xb, yb)}
         for kind in ["mean", "pair"]:
             sampler = GraBSampler(range(n), params, kind)
             iter(sampler)
-            t = median_time(lambda s=sampler, g=grads: s.step(g), reps)
-            row[f"{kind}_step_ms"] = 1e3 * t
-            row[f"{kind}_ratio"] = t / t_psg
+            fns[kind] = lambda s=sampler, g=grads: s.step(g)
         orig = OriginalStyle(d)
-        t = median_time(lambda o=orig, g=grads: o.step(g), reps)
-        row["original_style_ms"] = 1e3 * t
-        row["original_style_ratio"] = t / t_psg
+        fns["orig"] = lambda o=orig, g=grads: o.step(g)
+        med = interleaved_medians(fns, reps)
+        t_psg = med["psg"]
+        row = {"model": name, "d": d, "per_sample_grads_ms": 1e3 * t_psg}
+        for kind in ["mean", "pair"]:
+            row[f"{kind}_step_ms"] = 1e3 * med[kind]
+            row[f"{kind}_ratio"] = med[kind] / t_psg
+        row["original_style_ms"] = 1e3 * med["orig"]
+        row["original_style_ratio"] = med["orig"] / t_psg
         rows.append(row)
         print(row)
     return rows
@@ -175,22 +198,26 @@ def bench_hooks(quick: bool) -> dict:
     xb, yb = x[:B], y[:B]
     reps = 5 if quick else 21
 
+    # the same network twice: a plain copy and one with GraB's hooks, timed in
+    # alternating blocks so that load from other jobs hits both alike
+    model_h = copy.deepcopy(model)
+    opt_h = torch.optim.SGD(model_h.parameters(), lr=0.0)
+    grab = GraB(model_h, range(10**6))
+    iter(grab.sampler)
+
     def plain():
         opt.zero_grad()
         loss_fn(model(xb), yb).backward()
         opt.step()
 
-    t_plain = median_time(plain, reps)
-    grab = GraB(model, range(10**6))
-    iter(grab.sampler)
-
     def hooked():
-        opt.zero_grad()
-        loss_fn(model(xb), yb).backward()
+        opt_h.zero_grad()
+        loss_fn(model_h(xb), yb).backward()
         grab.step()
-        opt.step()
+        opt_h.step()
 
-    t_hooks = median_time(hooked, reps)
+    med = interleaved_medians({"plain": plain, "hooks": hooked}, reps, block=6)
+    t_plain, t_hooks = med["plain"], med["hooks"]
     grab.remove()
     params = {k: v.detach() for k, v in model.named_parameters()}
     psg = per_sample_fn(model)
