@@ -202,3 +202,32 @@ def test_attention_with_dropout_or_frozen_projection_falls_back_to_diag():
     with pytest.warns(UserWarning, match="frozen"):
         opt = SecondOrderOptimizer(net, "Cov", {"MultiheadAttention": "Kron"}, lr=0.0)
     assert opt.blocks[2].shape == "Diag"
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_attention_rerun_reproduces_the_module_with_masks(batch_first):
+    from torchsso.curvature.attention import attention_parts
+    from torchsso.curvature.capture import Record
+
+    torch.manual_seed(4)
+    m = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+    B, T, S = 3, 4, 5
+    q, k, v = torch.randn(B, T, 8), torch.randn(B, S, 8), torch.randn(B, S, 8)
+    if not batch_first:
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    bmask = torch.rand(T, S) > 0.7
+    bmask[:, 0] = False
+    kpm = torch.zeros(B, S, dtype=torch.bool)
+    kpm[0, -1] = True
+    cases = [
+        ((q, k, v), {}),
+        ((q, k, v), {"attn_mask": bmask, "key_padding_mask": kpm}),
+        ((q, k, v), {"attn_mask": torch.randn(B * 2, T, S)}),
+        ((q, k, v, kpm), {"need_weights": True}),
+    ]
+    for args, kw in cases:
+        ref = m(*args, **kw)[0]
+        out = attention_parts(m, Record(args, kw, True))[2]
+        if not batch_first:
+            out = out.transpose(0, 1)
+        torch.testing.assert_close(out, ref)
