@@ -7,15 +7,20 @@ block for all small tensors (at most ``SMALL_COLS`` entries each), so the extra
 memory is ``O(k d)`` and never ``O(B d)`` (the shared block holds at most
 ``4 * SMALL_COLS`` entries, so its per-batch copy is bounded).
 
-For a batch of rows ``X`` (``B`` examples) :meth:`AuxBank.batch_gram` returns
-the inner-product matrix of ``[x_1..x_B, a_1..a_k]`` in float64 on the host
-(one device-to-host copy per batch): per large tensor one ``(B, B)`` product,
-one ``(B, k)`` product and one ``(k, k)`` product; the small tensors of a
-batch are gathered (a copy of at most ``B * SMALL_COLS`` entries each) and
-handled by a single product, which keeps the per-step overhead low for small
-models. After the balancer has decided its signs it returns the weights of
-the change of the stored vectors; :meth:`AuxBank.apply` performs it with one
-``(k', B) @ (B, n_block)`` product per block.
+For a batch of rows ``X`` (``B`` examples) :meth:`AuxBank.gram_lists` returns
+the inner-product matrix of ``[x_1..x_B, a_1..a_k]`` as host floats (one
+device-to-host read per batch). The shared small block lives at the bottom of
+a workspace whose top rows receive the batch's small-tensor rows (a copy of at
+most ``B * 4 * SMALL_COLS`` entries), so one product over the contiguous
+``[batch; stored]`` rows gives its whole part of the matrix. Each large tensor
+gets one ``(B, B)`` product and one ``(k, B)`` product; the ``(k, k)`` inner
+products of the stored vectors are then tracked on the host (every update is
+a combination of the batch rows and the old vectors, whose inner products are
+all in the last matrix) and recomputed once per epoch, so weight-sized
+buffers are not re-read for them. After the balancer has decided its signs it
+returns the weights of the change of the stored vectors; :meth:`AuxBank.apply`
+performs it with one ``(k', B) @ (B, n_block)`` product per block (chunked
+for wide blocks).
 """
 
 from __future__ import annotations
