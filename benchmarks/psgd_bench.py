@@ -182,8 +182,11 @@ def _xor_iterations(kind: str, seed: int, length: int, max_iter: int) -> int | N
 
     torch.manual_seed(seed)
     model = TanhRNN()
-    if kind == "psgd.Kron":
-        opt: torch.optim.Optimizer = psgd.Kron(model.parameters(), lr=3e-3, min_ndim_triangular=1)
+    if kind.startswith("psgd.Kron"):
+        geometry = "QUAD" if kind == "psgd.Kron(QUAD)" else "EQ"
+        opt: torch.optim.Optimizer = psgd.Kron(
+            model.parameters(), lr=3e-3, min_ndim_triangular=1, geometry=geometry
+        )
     else:
         opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(1000 + seed)
@@ -200,7 +203,7 @@ def _xor_iterations(kind: str, seed: int, length: int, max_iter: int) -> int | N
 
 def bench_xor(seeds: int, max_iter: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for kind in ("psgd.Kron", "Adam"):
+    for kind in ("psgd.Kron", "psgd.Kron(QUAD)", "Adam"):
         its = [_xor_iterations(kind, s, 16, max_iter) for s in range(seeds)]
         solved = [i for i in its if i is not None]
         capped = [i if i is not None else max_iter for i in its]
@@ -409,7 +412,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-readme", action="store_true")
-    parser.add_argument("--only", choices=["speed", "quality"], default=None)
+    parser.add_argument("--only", choices=["speed", "quality", "xor"], default=None)
     parser.add_argument("--table-only", action="store_true", help="rebuild table from JSON")
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
@@ -427,12 +430,13 @@ def main() -> None:
     if args.only in (None, "speed"):
         print("speed (MLP 784-512-512-10, batch 128, step() only):")
         results["speed"] = bench_speed(args.quick)
-    if args.only in (None, "quality"):
+    if args.only in (None, "quality", "xor"):
         torch.set_num_threads(1)
-        seeds = 5
         print("delayed XOR (tanh RNN, T=16):")
-        results["xor"] = bench_xor(seeds, 1500 if args.quick else 3000)
+        results["xor"] = bench_xor(5, 1500 if args.quick else 3000)
         print("  ", results["xor"])
+    if args.only in (None, "quality"):
+        seeds = 5
         results["rosenbrock"] = bench_rosenbrock()
         print("  rosenbrock", results["rosenbrock"])
         results["rank"] = bench_rank_decomposition(2000)
