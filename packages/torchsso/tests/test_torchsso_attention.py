@@ -10,15 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchsso import SecondOrderOptimizer, VIOptimizer
+from torchsso._testing import ce_closure
 from torchsso.curvature.attention import AttentionKron
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 class Net(nn.Module):
@@ -134,12 +129,7 @@ def test_attention_kron_preconditions_each_projection():
         kl_clip=None,
     )  # fmt: skip
 
-    def closure():
-        opt.zero_grad()
-        out = net(x)
-        loss = F.cross_entropy(out, y)
-        loss.backward()
-        return loss, out
+    closure = ce_closure(opt, net, x, y)
 
     opt.step(closure)
     blk = opt.blocks[2]
@@ -172,12 +162,7 @@ def test_attention_kron_trains_and_vi_samples():
         lr=0.05, momentum=0.9, kl_clip=None,
     )  # fmt: skip
 
-    def closure():
-        opt.zero_grad()
-        out = net(x)
-        loss = F.cross_entropy(out, y)
-        loss.backward()
-        return loss, out
+    closure = ce_closure(opt, net, x, y)
 
     l0 = float(opt.step(closure))
     for _ in range(20):

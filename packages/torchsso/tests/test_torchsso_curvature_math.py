@@ -11,15 +11,10 @@ from torch.func import functional_call, hessian, jacrev
 from optcore.persample import per_sample_grads
 from torchsso import SecondOrderOptimizer
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.usefixtures("float64"),
+]
 
 
 def _one_step(model, curv_type, shapes, x, y, loss="cross_entropy", **kw):

@@ -9,14 +9,9 @@ from torch import nn
 
 from optcore.persample import per_sample_grads
 from torchsso import SecondOrderOptimizer
+from torchsso._testing import ce_closure
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 class TinyTransformer(nn.Module):
@@ -45,12 +40,7 @@ def _curv(opt, i):
 
 
 def _step(model, opt, x, y):
-    def closure():
-        opt.zero_grad()
-        out = model(x)
-        loss = F.cross_entropy(out, y)
-        loss.backward()
-        return loss, out
+    closure = ce_closure(opt, model, x, y)
 
     return float(opt.step(closure))
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchsso import SecondOrderOptimizer
+from torchsso._testing import ce_closure, preconditioned_gradient
 
 CONFIGS = [
     ("Fisher", {"Linear": "Kron"}, {}),
@@ -61,12 +62,7 @@ def _train(model, opt, conv, steps, start=0):
     for s in range(start, start + steps):
         x, y = _data(conv, seed=s)
 
-        def closure(x=x, y=y):
-            opt.zero_grad()
-            out = model(x)
-            loss = F.cross_entropy(out, y)
-            loss.backward()
-            return loss, out
+        closure = ce_closure(opt, model, x, y)
 
         losses.append(float(opt.step(closure)))
     return losses
@@ -97,12 +93,7 @@ def test_training_reduces_loss(cfg):
     x, y = _data(conv, n=64)
     before = float(F.cross_entropy(model(x), y).detach())
 
-    def closure():
-        opt.zero_grad()
-        out = model(x)
-        loss = F.cross_entropy(out, y)
-        loss.backward()
-        return loss, out
+    closure = ce_closure(opt, model, x, y)
 
     for _ in range(15):
         opt.step(closure)
@@ -189,21 +180,10 @@ def test_damping_schedule_and_kl_clip():
     assert opt.current_damping(3) == pytest.approx(0.25)
     before = [p.detach().clone() for p in m.parameters()]
 
-    def closure():
-        opt.zero_grad()
-        out = m(x)
-        loss = F.cross_entropy(out, y)
-        loss.backward()
-        return loss, out
+    closure = ce_closure(opt, m, x, y)
 
     opt.step(closure)
-    ug, us = 0.0, []
-    for b in opt.blocks:
-        inv = {k[4:]: v for k, v in opt.state[b.params[0]].items() if k.startswith("inv_")}
-        grads = [p.grad for p in b.params]
-        u = b.precondition(inv, grads)
-        ug += float(sum((ui * g).sum() for ui, g in zip(u, grads)))
-        us += u
+    us, ug = preconditioned_gradient(opt)
     assert lr**2 * ug > clip  # the clip is active
     nu = (clip / (lr**2 * ug)) ** 0.5
     for b0, p, u in zip(before, m.parameters(), us):
@@ -222,21 +202,10 @@ def test_kl_clip_scales_the_preconditioned_gradient_before_momentum():
         x, y = _data(False, seed=s)
         before = [p.detach().clone() for p in m.parameters()]
 
-        def closure(x=x, y=y):
-            opt.zero_grad()
-            out = m(x)
-            loss = F.cross_entropy(out, y)
-            loss.backward()
-            return loss, out
+        closure = ce_closure(opt, m, x, y)
 
         opt.step(closure)
-        ug, us = 0.0, []
-        for b in opt.blocks:
-            inv = {k[4:]: v for k, v in opt.state[b.params[0]].items() if k.startswith("inv_")}
-            grads = [p.grad for p in b.params]
-            u = b.precondition(inv, grads)
-            ug += float(sum((ui * g).sum() for ui, g in zip(u, grads)))
-            us += u
+        us, ug = preconditioned_gradient(opt)
         assert lr**2 * ug > clip  # the clip is active on every step
         nu = (clip / (lr**2 * ug)) ** 0.5
         for i, (b0, p, u) in enumerate(zip(before, m.parameters(), us)):
@@ -261,12 +230,7 @@ def test_modules_with_relu_maxpool_nesting_and_weight_sharing():
     opt = SecondOrderOptimizer(m, "Fisher", "Kron", {"damping": 1e-2}, lr=0.1)
     x, y = _data(False, n=32)
 
-    def closure():
-        opt.zero_grad()
-        out = m(x)
-        loss = F.cross_entropy(out, y)
-        loss.backward()
-        return loss, out
+    closure = ce_closure(opt, m, x, y)
 
     l0 = float(opt.step(closure))
     for _ in range(10):
@@ -293,12 +257,7 @@ def test_unsupported_layer_warns_once_and_trains():
     assert opt.blocks[0].shape == "Diag"
     x, y = _data(False)
 
-    def closure():
-        opt.zero_grad()
-        out = m(x)
-        loss = F.cross_entropy(out, y)
-        loss.backward()
-        return loss, out
+    closure = ce_closure(opt, m, x, y)
 
     for _ in range(3):
         opt.step(closure)
@@ -380,12 +339,7 @@ def test_hessian_needs_create_graph():
     opt = SecondOrderOptimizer(m, "Hessian", "Diag", lr=0.1)
     x, y = _data(False)
 
-    def closure():
-        opt.zero_grad()
-        out = m(x)
-        loss = F.cross_entropy(out, y)
-        loss.backward()
-        return loss, out
+    closure = ce_closure(opt, m, x, y)
 
     with pytest.raises(ValueError, match="create_graph"):
         opt.step(closure)
@@ -420,12 +374,7 @@ def test_singular_factor_is_recovered():
     x[:, 0] = 1.0  # A has rank 1
     y = torch.tensor([0, 1, 2, 0])
 
-    def closure():
-        opt.zero_grad()
-        out = m(x)
-        loss = F.cross_entropy(out, y)
-        loss.backward()
-        return loss, out
+    closure = ce_closure(opt, m, x, y)
 
     opt.step(closure)
     assert all(torch.isfinite(p).all() for p in m.parameters())
@@ -438,12 +387,7 @@ def test_max_update_ratio_bounds_each_layer_step():
     opt = SecondOrderOptimizer(m, "Cov", "Kron", {"damping": 1e-4}, lr=100.0, max_update_ratio=1e-3)
     before = [p.detach().clone() for p in m.parameters()]
 
-    def closure():
-        opt.zero_grad()
-        out = m(x)
-        loss = F.cross_entropy(out, y)
-        loss.backward()
-        return loss, out
+    closure = ce_closure(opt, m, x, y)
 
     opt.step(closure)
     for b in opt.blocks:

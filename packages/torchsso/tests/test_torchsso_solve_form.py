@@ -5,11 +5,11 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from optcore.linalg import damped_inverse
 from torchsso import SecondOrderOptimizer
+from torchsso._testing import ce_closure
 from torchsso.curvature.shapes import damped_factor
 
 
@@ -24,12 +24,7 @@ def _train(model, opt, steps, start=0):
         g = torch.Generator().manual_seed(s)
         x, y = torch.randn(16, 6, generator=g), torch.randint(0, 4, (16,), generator=g)
 
-        def closure(x=x, y=y):
-            opt.zero_grad()
-            out = model(x)
-            loss = F.cross_entropy(out, y)
-            loss.backward()
-            return loss, out
+        closure = ce_closure(opt, model, x, y)
 
         opt.step(closure)
 

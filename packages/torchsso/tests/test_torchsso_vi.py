@@ -11,22 +11,12 @@ from torch import nn
 
 import torchsso
 from torchsso import VIOptimizer
+from torchsso._testing import ce_closure
 
 
 def _data(n=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g)
-
-
-def _closure(opt, m, x, y):
-    def closure():
-        opt.zero_grad()
-        out = m(x)
-        loss = F.cross_entropy(out, y)
-        loss.backward()
-        return loss, out
-
-    return closure
 
 
 def test_vogn_first_step_matches_formula():
@@ -45,7 +35,7 @@ def test_vogn_first_step_matches_formula():
     ps = per_sample_grads(m, F.cross_entropy, x, y)
     J = torch.cat([ps["weight"].reshape(32, -1), ps["bias"]], 1)
     s, g = (J * J).mean(0), J.mean(0)
-    opt.step(_closure(opt, m, x, y))
+    opt.step(ce_closure(opt, m, x, y))
     delta = tau / (N * pv)
     want = mu - lr * (g + delta * mu) / (s + delta)
     got = torch.cat([m.weight.detach().reshape(-1), m.bias.detach()])
@@ -61,7 +51,7 @@ def test_posterior_samples_have_the_stated_covariance(shape):
     x, y = x[:, :2], y % 2
     N, tau = 50, 1.0
     opt = VIOptimizer(m, N, "Cov", shape, {"ema_decay": 1.0}, lr=0.0, kl_weighting=tau)
-    opt.step(_closure(opt, m, x, y))
+    opt.step(ce_closure(opt, m, x, y))
     b = opt.blocks[0]
     st = opt.state[b.params[0]]
     delta = opt.prior_precision()
@@ -100,7 +90,7 @@ def test_prediction_mean_and_average():
     x, y = _data()
     opt = VIOptimizer(m, 32, "Cov", "Diag", lr=0.05, num_mc_samples=2)
     for _ in range(3):
-        opt.step(_closure(opt, m, x, y))
+        opt.step(ce_closure(opt, m, x, y))
     p0 = torchsso.prediction(m, x, mc_samples=0)
     torch.testing.assert_close(p0, torch.softmax(m(x), 1).detach())
     w = [p.clone() for p in m.parameters()]
@@ -144,7 +134,7 @@ def test_vi_state_dict_round_trip(shape):
     def train(m, opt, a, b):
         for s in range(a, b):
             x, y = _data(seed=s)
-            opt.step(_closure(opt, m, x, y))
+            opt.step(ce_closure(opt, m, x, y))
 
     m1, o1 = make()
     train(m1, o1, 0, 8)
@@ -170,6 +160,6 @@ def test_vi_learns(shape):
     )  # fmt: skip
     l0 = float(F.cross_entropy(m(x), y).detach())
     for _ in range(30):
-        opt.step(_closure(opt, m, x, y))
+        opt.step(ce_closure(opt, m, x, y))
     p = torchsso.prediction(m, x, mc_samples=4)
     assert float(F.nll_loss(p.log(), y)) < 0.7 * l0

@@ -1,6 +1,9 @@
-"""Worker functions for multi-process tests (importable by module path for spawn)."""
+"""Helpers for torchsso's tests: worker functions for multi-process tests (importable by
+module path for spawn), the cross-entropy closure and the preconditioned gradient."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -8,7 +11,13 @@ from torch import nn
 
 from .optim import SecondOrderOptimizer
 
-__all__ = ["data_parallel_run", "data_parallel_runs", "make_problem"]
+__all__ = [
+    "ce_closure",
+    "data_parallel_run",
+    "data_parallel_runs",
+    "make_problem",
+    "preconditioned_gradient",
+]
 
 
 def make_problem(n: int = 32, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -49,3 +58,34 @@ def data_parallel_run(
 def data_parallel_runs(rank: int, world_size: int, configs: list[tuple]) -> list[list[list]]:
     """:func:`data_parallel_run` for several ``(curv_type, shapes, steps, ddp)`` configs."""
     return [data_parallel_run(rank, world_size, *cfg) for cfg in configs]
+
+
+def ce_closure(
+    opt: torch.optim.Optimizer, model: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    """The seed's closure convention for a cross-entropy step on ``(x, y)``: zero the
+    gradients, forward, backward, return ``(loss, output)``."""
+
+    def closure() -> tuple[torch.Tensor, torch.Tensor]:
+        opt.zero_grad()
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+        loss.backward()
+        return loss, out
+
+    return closure
+
+
+def preconditioned_gradient(opt: SecondOrderOptimizer) -> tuple[list[torch.Tensor], float]:
+    """The preconditioned gradient ``u`` of every block (from the inverses in the optimizer
+    state and the current ``.grad``), concatenated in block order, and ``sum(u * g)``."""
+    us: list[torch.Tensor] = []
+    ug = 0.0
+    for b in opt.blocks:
+        st = opt.state[b.params[0]]
+        inv = {k[4:]: v for k, v in st.items() if k.startswith("inv_")}
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in b.params]
+        u = b.precondition(inv, grads)
+        ug += sum(float((ui * g).sum()) for ui, g in zip(u, grads))
+        us += u
+    return us, ug

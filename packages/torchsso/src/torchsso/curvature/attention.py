@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .capture import Record
-from .shapes import LayerCurvature, _pi, _randn, fast_damped_inverse
+from .shapes import LayerCurvature, _kron_inverses, _pi_damping, _randn
 
 __all__ = ["PROJECTIONS", "AttentionKron", "attention_kron_supported", "attention_parts"]
 
@@ -189,23 +189,12 @@ class AttentionKron(LayerCurvature):
     # -- inversion / preconditioning ---------------------------------------------
     def inverse(self, f: dict[str, Tensor], damping: float, opts: dict) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
-        r = math.sqrt(damping)
         for p in PROJECTIONS:
             A, G = f["A" + p], f["G" + p]
-            pi = _pi(
-                torch.trace(A),
-                A.shape[0],
-                torch.trace(G),
-                G.shape[0],
-                opts.get("pi_type", "trace_norm"),
-            )
-            out["A" + p + "_inv"] = fast_damped_inverse(A, pi * r)
-            out["G" + p + "_inv"] = fast_damped_inverse(G, r / pi)
-            if opts.get("chol"):
-                eyeA = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-                eyeG = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-                out["A" + p + "_chol"] = torch.linalg.cholesky(0.5 * (A + A.T) + pi * r * eyeA)
-                out["G" + p + "_chol"] = torch.linalg.cholesky(0.5 * (G + G.T) + (r / pi) * eyeG)
+            da, dg = _pi_damping(A, G, damping, opts)
+            # "A_inv" -> "Aq_inv", ... : the same factors per projection
+            for k, v in _kron_inverses(A, G, da, dg, bool(opts.get("chol"))).items():
+                out[k[0] + p + k[1:]] = v
         return out
 
     def _matrices(self, grads: list[Tensor]) -> list[Tensor]:

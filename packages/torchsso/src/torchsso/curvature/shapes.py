@@ -303,6 +303,28 @@ def _pi(A_tr: Tensor, A_dim: int, G_tr: Tensor, G_dim: int, pi_type: str) -> flo
     return math.sqrt(a / g)
 
 
+def _pi_damping(A: Tensor, G: Tensor, damping: float, opts: dict) -> tuple[float, float]:
+    """Damping added to ``A`` and to ``G`` under factored (pi) damping of ``A (x) G``:
+    ``(pi sqrt(damping), sqrt(damping) / pi)``."""
+    pi = _pi(
+        torch.trace(A), A.shape[0], torch.trace(G), G.shape[0], opts.get("pi_type", "trace_norm")
+    )
+    r = math.sqrt(damping)
+    return pi * r, r / pi
+
+
+def _kron_inverses(A: Tensor, G: Tensor, da: float, dg: float, chol: bool) -> dict[str, Tensor]:
+    """``{"A_inv", "G_inv"}`` of the damped factors, and their Cholesky factors
+    ``{"A_chol", "G_chol"}`` (of the symmetrized factors) when ``chol``."""
+    out = {"A_inv": fast_damped_inverse(A, da), "G_inv": fast_damped_inverse(G, dg)}
+    if chol:
+        eyeA = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+        eyeG = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+        out["A_chol"] = torch.linalg.cholesky(0.5 * (A + A.T) + da * eyeA)
+        out["G_chol"] = torch.linalg.cholesky(0.5 * (G + G.T) + dg * eyeG)
+    return out
+
+
 class Kron(LayerCurvature):
     """K-FAC block ``A (x) G`` for ``Linear``, ``Conv1d/2d`` and ``Embedding``.
 
@@ -379,28 +401,15 @@ class Kron(LayerCurvature):
             lg, qg = safe_eigh(G)
             scale = 1.0 / (lg.clamp_min(0).unsqueeze(1) * la.clamp_min(0).unsqueeze(0) + damping)
             return {"QA": qa, "QG": qg, "S": scale}
-        pi = _pi(
-            torch.trace(A),
-            A.shape[0],
-            torch.trace(G),
-            G.shape[0],
-            opts.get("pi_type", "trace_norm"),
-        )
-        r = math.sqrt(damping)
+        da, dg = _pi_damping(A, G, damping, opts)
         if opts.get("solve") and not opts.get("chol"):
             # used once: keep the Cholesky factors and apply them by triangular solves
             # (O(n^2 m)) instead of forming the inverses (a further O(n^3) each)
-            fa, ca = damped_factor(A, pi * r)
-            fg, cg = damped_factor(G, r / pi)
+            fa, ca = damped_factor(A, da)
+            fg, cg = damped_factor(G, dg)
             flags = torch.tensor([float(ca), float(cg)], dtype=A.dtype, device=A.device)
             return {"A_fac": fa, "G_fac": fg, "fac_is_chol": flags}
-        out = {"A_inv": fast_damped_inverse(A, pi * r), "G_inv": fast_damped_inverse(G, r / pi)}
-        if opts.get("chol"):
-            eyeA = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-            eyeG = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-            out["A_chol"] = torch.linalg.cholesky(0.5 * (A + A.T) + pi * r * eyeA)
-            out["G_chol"] = torch.linalg.cholesky(0.5 * (G + G.T) + (r / pi) * eyeG)
-        return out
+        return _kron_inverses(A, G, da, dg, bool(opts.get("chol")))
 
     def precondition(self, inv: dict[str, Tensor], grads: list[Tensor]) -> list[Tensor]:
         return self.precondition_dot(inv, grads)[0]
