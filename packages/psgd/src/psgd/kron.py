@@ -66,7 +66,8 @@ class Kron(PSGDBase):
             ``dQ = E Q`` rule; ``P_i`` is stored (same bytes as kron-torch's ``Q_i``) and
             ``Q_i`` is recovered by Cholesky on update steps. ``"QUAD"`` fits ``P_i``
             directly and reuses the ``P m`` of the update (matmul only, cheapest update
-            steps); also ``"QEP"``, ``"QEQ"``, ``"Q0.5EQ1.5"``.
+            steps; not the default: it solved fewer delayed-XOR seeds than ``"EQ"``);
+            also ``"QEP"``, ``"QEQ"``, ``"Q0.5EQ1.5"``.
         precond_beta: forgetting factor of the moving-max norm bound (0: the
             instantaneous bound, as kron-torch).
         clip_update_rms: RMS of the preconditioned update is clipped to this (1.1).
