@@ -12,7 +12,9 @@ Same arguments, defaults and update-probability schedule as kron-torch, with:
 * no host random generator: probes come from a torch generator seeded from
   ``torch.manual_seed`` at construction;
 * under ``torch.distributed`` each rank fits the factors it owns (assigned by
-  cost) and broadcasts them, so all ranks keep identical preconditioners.
+  cost) and broadcasts them, so all ranks keep identical preconditioners;
+* DTensor (FSDP2) parameters: gradients are gathered to full tensors, the state is
+  replicated, and each rank adds its own piece of the update.
 
 Reference: X.-L. Li, "Preconditioned stochastic gradient descent", 2015; E. Walters,
 O. Pooladzandi, X.-L. Li, kron-torch (2024).
@@ -27,6 +29,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+try:  # DTensor (FSDP2) parameters; absent on builds without torch.distributed
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover
+    DTensor = None  # type: ignore[assignment,misc]
+    distribute_tensor = None  # type: ignore[assignment]
 
 from . import factors as F
 from ._base import PSGDBase, check_nonneg, check_positive, check_unit, closure_loss
@@ -216,14 +224,14 @@ class Kron(PSGDBase):
                     continue
                 self._check_grad(p, p.grad)
                 candidates.append((group, i, p, index))
-        finite = _all_finite([p.grad for _, _, p, _ in candidates if p.grad is not None])
-        for (group, i, p, index), ok in zip(candidates, finite):
+        grads = [_full(p.grad) for _, _, p, _ in candidates if p.grad is not None]
+        finite = _all_finite(grads)
+        for (group, i, p, index), full_g, ok in zip(candidates, grads, finite):
             if not ok:
                 self._warn_nonfinite(self._param_name(group, i, p))
                 continue
             shape, _ = self._layout(group, p)
-            assert p.grad is not None
-            g = p.grad.reshape(shape)
+            g = full_g.reshape(shape)
             if not self.state[p]:
                 self._init_state(group, p, g)
             work.append((group, p, g, index))
@@ -280,7 +288,7 @@ class Kron(PSGDBase):
             scale = inv_bc * min(1.0, group["clip_update_rms"] / (rms + 1e-12))
             if group["weight_decay"] != 0 and p.dim() >= 2:
                 p.add_(p, alpha=-group["lr"] * group["weight_decay"])
-            p.add_(pre.view(p.shape).to(p.dtype), alpha=-group["lr"] * scale)
+            p.add_(_like(p, pre.view(p.shape).to(p.dtype)), alpha=-group["lr"] * scale)
             mine = owners is None or self._ownership.mine(owners[index])
             if do_update and self._fused(group) and mine:
                 # matmul-only geometry fitted to the momentum: reuse P m (P from before this fit)
@@ -314,6 +322,21 @@ class Kron(PSGDBase):
         return group["geometry"] in ("QEQ", "Q0.5EQ1.5", "QUAD") and bool(
             group["momentum_into_precond_update"]
         )
+
+
+def _full(t: Tensor) -> Tensor:
+    """The whole tensor of a DTensor (gathered; every rank gets the same), else ``t``."""
+    if DTensor is not None and isinstance(t, DTensor):
+        return t.full_tensor()
+    return t
+
+
+def _like(p: Tensor, update: Tensor) -> Tensor:
+    """``update`` (a full tensor, identical on every rank) laid out like the parameter ``p``."""
+    if DTensor is not None and isinstance(p, DTensor):
+        # every rank holds the same full update: take the local piece, no communication
+        return distribute_tensor(update, p.device_mesh, p.placements, src_data_rank=None)
+    return update
 
 
 @functools.lru_cache(maxsize=4096)
