@@ -300,3 +300,28 @@ def test_lr_scheduler_and_closure() -> None:
     assert isinstance(loss, torch.Tensor)
     sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.005)
+
+
+def test_compile_switch_is_checked() -> None:
+    w = torch.nn.Parameter(torch.zeros(3, 2))
+    with pytest.raises(TypeError, match="compile"):
+        psgd.Kron([w], compile="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_compiled_kron_matches_eager() -> None:
+    """``compile=True`` (torch.compile of the application) gives the eager parameters."""
+    results = []
+    for flag in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 2))
+        opt = psgd.Kron(model.parameters(), lr=0.01, compile=flag)
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(6):
+            x = torch.randn(16, 5, generator=gen)
+            opt.zero_grad()
+            (model(x) ** 2).mean().backward()
+            opt.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
