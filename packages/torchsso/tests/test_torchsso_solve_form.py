@@ -102,3 +102,21 @@ def test_every_step_state_dict_round_trip_bit_identical():
     _train(m3, o3, 4, start=4)
     for p1, p3 in zip(m1.parameters(), m3.parameters()):
         assert torch.equal(p1, p3)
+
+
+def test_padded_factor_and_thin_solves_are_exact():
+    # sizes that are multiples of 64 are factored padded; thin right-hand sides are solved
+    # from the left: both must give the same X (A + d I)^-1 as a dense solve
+    from torchsso.curvature.shapes import _solve_right
+
+    torch.manual_seed(5)
+    a = torch.randn(200, 128, dtype=torch.float64)
+    A = a.T @ a / 200
+    L, ok = damped_factor(A, 0.05)
+    assert ok and L.shape == (128, 128) and L.is_contiguous()
+    assert torch.equal(L, torch.tril(L))
+    Ad = A + 0.05 * torch.eye(128, dtype=torch.float64)
+    torch.testing.assert_close(L @ L.T, Ad)
+    for rows in (3, 16, 17, 40):
+        X = torch.randn(rows, 128, dtype=torch.float64)
+        torch.testing.assert_close(_solve_right(X, L, True), torch.linalg.solve(Ad, X.T).T)

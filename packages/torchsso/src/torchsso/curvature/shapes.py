@@ -274,15 +274,27 @@ def damped_factor(A: Tensor, damping: float) -> tuple[Tensor, bool]:
     """Lower Cholesky factor ``L`` of ``A + damping I`` and ``True``; when the factorization
     fails or is not finite, the explicit inverse ``(A + damping I)^-1`` from
     :func:`optcore.linalg.damped_inverse` (float64 retry, eigh) and ``False``."""
-    M = A.clone()
-    M.diagonal().add_(damping)
+    n = A.shape[0]
+    if _pad(n):
+        # factor diag(A + damping I, 1) instead: LAPACK's blocked Cholesky is about 25%
+        # slower on sizes that are multiples of 64 (cache-set conflicts of the columns)
+        M = A.new_zeros(n + 1, n + 1)
+        M[:n, :n] = A
+        M[n, n] = 1.0
+    else:
+        M = A.clone()
+    M.diagonal()[:n].add_(damping)
     L, info = torch.linalg.cholesky_ex(M)
     # LAPACK reports NaN pivots as failures, and the curvature update has already checked
     # the factors for non-finite entries; a non-finite preconditioned gradient is still
     # caught (and the damping raised) by the optimizer
     if int(info) == 0:
-        return L, True
+        return (L[:n, :n].contiguous() if _pad(n) else L), True
     return damped_inverse(A, damping), False
+
+
+def _pad(n: int) -> bool:
+    return n >= 128 and n % 64 == 0
 
 
 def _solve_right(X: Tensor, F: Tensor, chol: bool) -> Tensor:
@@ -290,6 +302,11 @@ def _solve_right(X: Tensor, F: Tensor, chol: bool) -> Tensor:
     right-sided triangular solves, ``X L^-T L^-1``) or as its explicit inverse."""
     if not chol:
         return X @ F
+    if X.shape[0] <= 16:
+        # few rows (a small output layer): left-sided solves on X^T, about twice as fast
+        # in LAPACK for such thin right-hand sides; right-sided ones win from ~32 rows on
+        Y = torch.linalg.solve_triangular(F, X.T, upper=False)
+        return torch.linalg.solve_triangular(F.T, Y, upper=True).T
     X = torch.linalg.solve_triangular(F.T, X, upper=True, left=False)
     return torch.linalg.solve_triangular(F, X, upper=False, left=False)
 
