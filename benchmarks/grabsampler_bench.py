@@ -156,11 +156,11 @@ class OriginalStyle:
             self.t.add_(g[i])
 
 
-def bench_step(quick: bool) -> list[dict]:
+def bench_step(quick: bool, models=("logreg", "mlp-9.6k", "mlp-1.1M")) -> list[dict]:
     x, y = digits()
     rows = []
     reps = 5 if quick else 21
-    for name in ["logreg", "mlp-9.6k", "mlp-1.1M"]:
+    for name in models:
         torch.manual_seed(0)
         model = model_for(name)
         params = {k: v.detach() for k, v in model.named_parameters()}
@@ -401,10 +401,27 @@ def main() -> None:
     ap.add_argument(
         "--reuse-training", action="store_true", help="take the training runs from the last JSON"
     )
+    ap.add_argument(
+        "--step-only",
+        action="store_true",
+        help="time only the step rows (no hooks, training, JSON or README update)",
+    )
+    ap.add_argument(
+        "--models",
+        default="logreg,mlp-9.6k,mlp-1.1M",
+        help="comma-separated models of the step rows (default: all three)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    step_rows = bench_step(args.quick)
+    step_rows = bench_step(args.quick, args.models.split(","))
+    if args.step_only:
+        for row in step_rows:
+            print(
+                f"{row['model']}: step / per-sample grads: mean {row['mean_ratio']:.3f}x, "
+                f"pair {row['pair_ratio']:.3f}x (per-sample grads {row['per_sample_grads_ms']:.3f} ms)"
+            )
+        return
     hooks = bench_hooks(args.quick)
     if args.reuse_training:
         train_res = json.loads((RESULTS / "grabsampler_bench.json").read_text())["training"]

@@ -25,7 +25,11 @@ for wide blocks).
 
 from __future__ import annotations
 
+import math
+from array import array
 from collections.abc import Sequence
+from itertools import chain
+from operator import mul
 
 import torch
 from torch import Tensor
@@ -50,6 +54,8 @@ class AuxBank:
         device: device of the buffers.
         passive: number of trailing stored vectors that are only updated, never
             needed in inner products (left out of the returned matrix).
+        reads: the pairs ``(p, q)`` of stored vectors whose inner products the
+            balancer reads (None: all); the fast path tracks only these.
     """
 
     def __init__(
@@ -59,8 +65,11 @@ class AuxBank:
         dtype: torch.dtype,
         device: torch.device,
         passive: int = 0,
+        reads: Sequence[tuple[int, int]] | None = None,
     ) -> None:
         self.passive = passive
+        #: stored-vector inner products the balancer reads (None: all)
+        self.reads = reads
         self.sizes = [int(s) for s in sizes]
         self.dtype = dtype
         self.device = device
@@ -88,6 +97,9 @@ class AuxBank:
 
     def _alloc(self, blocks: list[Tensor]) -> None:
         self._ss = None
+        self._fss: list[list[float]] | None = None  # fast path: tracked stored products
+        self._fg: list[list[float]] | None = None  # fast path: the last matrix
+        self._plans: dict[int, _FlatPlan] = {}
         blocks = [b.to(device=self.device, dtype=self.dtype) for b in blocks]
         if self.has_small:
             # the shared small block lives at the bottom of a workspace whose top
@@ -200,16 +212,50 @@ class AuxBank:
         out += [row + srow for row, srow in zip(cross, sl)]
         return out
 
+    def flat_plan(self, b: int) -> _FlatPlan:
+        """The cached views and buffers of the one-block fast path for batches of ``b``."""
+        plan = self._plans.get(b)
+        if plan is None:
+            if b > self.cap:
+                self._grow_cap(b)
+            plan = _FlatPlan(self, b)
+            self._plans[b] = plan
+        return plan
+
     def flat_gram(self, xs: list[Tensor], b: int) -> list[list[float]]:
         """:meth:`gram_lists` for a bank that is one small block, from ``(B, n_i)`` tensors.
 
         The tensors must have the bank's dtype and device and match its sizes
         (the caller checks); :meth:`flat_apply` then updates the stored vectors.
+        Narrow blocks get the whole ``[batch; stored]`` Gram matrix from one
+        product; wide ones one ``(B + k_a, B)`` product, with the inner products
+        of the stored vectors tracked on the host (only the entries the balancer
+        reads, see :attr:`~grabsampler.balance.base.Balancer.stored_reads`).
         """
-        xw = self._fill(xs, b)
-        out = self._flat_matrix(xw, b, self.k - self.passive, True)
-        assert isinstance(out, list)
-        return out
+        plan = self._plans.get(b) or self.flat_plan(b)
+        xw = plan.xw
+        if len(xs) == 1:
+            xw.copy_(xs[0])
+        else:
+            torch.cat(xs, dim=1, out=xw)
+        self._flat = plan.rows
+        if plan.square:
+            self._fg = None
+            return torch.mm(plan.z, plan.z.T, out=plan.f).tolist()
+        fl = torch.mm(plan.z, xw.T, out=plan.f).tolist()
+        self._fg = fl
+        if not plan.ka:
+            return fl
+        ss = self._fss
+        if ss is None:
+            act = plan.act
+            ss = self._fss = (act @ act.T).tolist()
+        cross = fl[b:]
+        for row, col in zip(fl, zip(*cross)):
+            row.extend(col)
+        for row, srow in zip(cross, ss):
+            row.extend(srow)
+        return fl
 
     def flat_apply(
         self,
@@ -217,16 +263,23 @@ class AuxBank:
         wx: Tensor | list[list[float]],
         terms: Sequence[tuple[int, int, float]] = (),
     ) -> None:
-        """:meth:`apply` after :meth:`flat_gram`."""
+        """:meth:`apply` after :meth:`flat_gram` (same batch)."""
         assert self._flat is not None
-        if terms or not changed or list(changed) != list(range(changed[0], changed[-1] + 1)):
-            self.apply([], [self._flat], changed, wx, terms)
+        b = self._flat.batch_size
+        plan = self._plans[b]
+        fg, self._fg = self._fg, None
+        if self._fss is not None:
+            self._fss = _track(self._fss, fg, b, changed, wx, terms, self.reads) if fg else None
+        if not changed:
             return
-        if isinstance(wx, Tensor):
-            w = wx.to(device=self.device, dtype=self.dtype)
-        else:
-            w = torch.tensor(wx, dtype=self.dtype, device=self.device)
-        self.blocks[0][changed[0] : changed[-1] + 1].addmm_(w, self._flat.x)
+        lo, hi = changed[0], changed[-1] + 1
+        if terms or hi - lo != len(changed) or isinstance(wx, Tensor):
+            self.apply([], [self._flat], changed, wx, terms, track=False)
+            return
+        upd = plan.updates.get((lo, hi))
+        if upd is None:
+            upd = plan.updates[(lo, hi)] = _Update(self.blocks[0][lo:hi], b, self.dtype)
+        upd.target.addmm_(upd.weights(wx), plan.xw)
 
     def _stored_gram(self, ka: int) -> list[list[float]]:
         """Inner products of the ``ka`` active stored vectors (tracked on the host)."""
@@ -339,6 +392,8 @@ class AuxBank:
         changed: Sequence[int],
         wx: Tensor | list[list[float]],
         terms: Sequence[tuple[int, int, float]] = (),
+        *,
+        track: bool = True,
     ) -> None:
         """Adds ``wx @ rows`` (plus multiples of stored vectors) to the vectors ``changed``.
 
@@ -348,9 +403,12 @@ class AuxBank:
             changed: indices of the stored vectors that change.
             wx: ``(len(changed), B)`` weights of the batch rows (tensor or nested lists).
             terms: ``(j, i, c)``: add ``c`` times stored vector ``i`` to ``changed[j]``.
+            track: update the tracked inner products (False: the caller does).
         """
         if not changed:
             return
+        if track:
+            self._fss = None  # the fast path's tracked products are stale now
         if isinstance(wx, Tensor):
             wx_dev = wx.to(device=self.device, dtype=self.dtype)
         else:
@@ -371,7 +429,7 @@ class AuxBank:
                         a[i].add_(upd[j])
             for j, i, c in terms:
                 blk[changed[j]].add_(old.get(i, blk[i]), alpha=c)
-        if self.track:
+        if self.track and track:
             self._track_update(changed, wx.tolist() if isinstance(wx, Tensor) else wx, terms)
 
     @torch.no_grad()
@@ -395,3 +453,101 @@ class AuxBank:
         blocks = [torch.cat([buffers[i].detach().cpu() for i in g], dim=1) for g in self.groups]
         self.k = k
         self._alloc(blocks)
+
+
+class _Update:
+    """A cached target view and host-filled weight buffer of a fast-path update."""
+
+    def __init__(self, target: Tensor, b: int, dtype: torch.dtype) -> None:
+        self.target = target
+        self.dtype = dtype
+        rows = int(target.shape[0])
+        code = {torch.float32: "f", torch.float64: "d"}.get(dtype)
+        # a host buffer shared with a CPU tensor: filling it costs far less than
+        # building a tensor from nested lists
+        self.buf: array[float] | None = None
+        self.host: Tensor | None = None
+        if code is not None and target.device.type == "cpu" and rows * b:
+            self.buf = array(code, bytes(rows * b * array(code).itemsize))
+            self.host = torch.frombuffer(self.buf, dtype=dtype).view(rows, b)
+
+    def weights(self, wx: list[list[float]]) -> Tensor:
+        """The ``(rows, B)`` weights ``wx`` as a tensor on the target's device."""
+        if self.buf is not None and self.host is not None:
+            self.buf[:] = array(self.buf.typecode, chain.from_iterable(wx))
+            return self.host
+        return torch.tensor(wx, dtype=self.dtype, device=self.target.device)
+
+
+class _FlatPlan:
+    """Views of the workspace for one batch size of the one-block fast path."""
+
+    def __init__(self, bank: AuxBank, b: int) -> None:
+        ka = bank.k - bank.passive
+        cap = bank.cap
+        self.ka = ka
+        self.xw = bank.work[cap - b : cap]
+        self.z = bank.work[cap - b : cap + ka]
+        self.act = bank.work[cap : cap + ka]
+        self.rows = DenseRows(self.xw)
+        self.square = self.xw.shape[1] <= ONE_PRODUCT_COLS or ka == 0
+        cols = b + ka if self.square else b
+        self.f = torch.empty(b + ka, cols, dtype=bank.dtype, device=bank.device)
+        self.updates: dict[tuple[int, int], _Update] = {}
+
+
+def _track(
+    ss: list[list[float]],
+    g: list[list[float]],
+    b: int,
+    changed: Sequence[int],
+    wx: Tensor | list[list[float]],
+    terms: Sequence[tuple[int, int, float]],
+    reads: Sequence[tuple[int, int]] | None,
+) -> list[list[float]] | None:
+    """The stored vectors' inner products after an update (None: recompute them).
+
+    A new active vector is ``a_p + sum_i W_pi x_i + sum_i c_i a_i``: its
+    coefficients ``c_p`` over the rows of the last matrix ``g`` give
+    ``<a_p', a_q'> = c_p^T g c_q``, summed over the nonzero coefficients of the
+    sparser side. Only the pairs in ``reads`` are computed (the others become
+    NaN); a non-finite result, weights given as a tensor or a term with a
+    passive vector ask for a recomputation.
+    """
+    ka = len(ss)
+    if isinstance(wx, Tensor):
+        return None
+    coef: dict[int, list[float]] = {}
+    for j, p in enumerate(changed):
+        if p < ka:
+            c = [float(v) for v in wx[j]] + [0.0] * ka
+            c[b + p] = 1.0
+            coef[p] = c
+    for j, i, v in terms:
+        p = changed[j]
+        if p < ka:
+            if i >= ka:
+                return None
+            coef[p][b + i] += v
+    if not coef:
+        return ss
+    pairs = reads if reads is not None else [(p, q) for p in range(ka) for q in range(p + 1)]
+    out = [[math.nan] * ka for _ in range(ka)]
+    for p, q in pairs:
+        cp, cq = coef.get(p), coef.get(q)
+        if cp is None:
+            # <a_p, a_q'> = (g c_q)_p
+            v = ss[p][q] if cq is None else sum(map(mul, cq, g[b + p]))
+        elif cq is None:
+            v = sum(map(mul, cp, g[b + q]))
+        else:
+            if cq.count(0.0) < cp.count(0.0):
+                cp, cq = cq, cp
+            v = 0.0
+            for s, a in enumerate(cq):
+                if a:
+                    v += a * sum(map(mul, cp, g[s]))
+        if not math.isfinite(v):
+            return None
+        out[p][q] = out[q][p] = v
+    return out

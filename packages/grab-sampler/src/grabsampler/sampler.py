@@ -148,6 +148,7 @@ class GraBSampler(Sampler[int]):
             self.dtype,
             self.device,
             passive=self.balancer.passive,
+            reads=self.balancer.stored_reads,
         )
         #: the fast path of :meth:`_flat_step` applies (one small block, list-based balancer)
         self._flat_ok = (
@@ -156,6 +157,9 @@ class GraBSampler(Sampler[int]):
             and self.balancer.host_gram
             and self.balancer.uses_gradients
         )
+        #: per batch size: the expected ``(B, *shape)`` of each gradient (fast path)
+        self._shapes: dict[int, list[torch.Size]] = {}
+        self._pshapes = [t.shape for t in tensors]
         self.epoch = -1
         self.in_epoch = False
         self.position = 0
@@ -211,25 +215,32 @@ class GraBSampler(Sampler[int]):
         """Fast path for small models: a dict of well-formed gradients, one small block.
 
         Returns False, with nothing changed, when the input needs the general
-        path (which also produces the error messages).
+        path (which also produces the error messages). The checks here are
+        cheap ones (names, shapes, dtype, device, room left in the epoch); the
+        views of the bank's workspace are cached per batch size.
         """
         if len(grads) != len(self.names) or not self.in_epoch:
             return False
-        views: list[Tensor] = []
-        b = -1
-        for name, size in zip(self.names, self.sizes):
-            t = grads.get(name)
-            if t is None or t.dim() < 1 or t.dtype != self.dtype or t.device != self.device:
+        ts = [grads.get(name) for name in self.names]
+        t0 = ts[0]
+        if t0 is None or not t0.dim():
+            return False
+        b = t0.shape[0]
+        shapes = self._shapes.get(b)
+        if shapes is None:
+            if b <= 0 or self.balancer.aux_rows(b) > self.bank.k:
                 return False
-            if b < 0:
-                b = int(t.shape[0])
-            if t.shape[0] != b or t.numel() != b * size:
+            shapes = self._shapes[b] = [torch.Size((b, *s)) for s in self._pshapes]
+        if self.position + b > self.n:
+            return False
+        dtype, device = self.dtype, self.device
+        views: list[Tensor] = []
+        for t, shape, size in zip(ts, shapes, self.sizes):
+            if t is None or t.dtype != dtype or t.device != device:
+                return False
+            if t.shape != shape and (t.dim() < 1 or t.shape[0] != b or t.numel() != b * size):
                 return False
             views.append(t.view(b, size) if t.is_contiguous() else t.reshape(b, size))
-        if b <= 0 or self.position + b > self.n:
-            return False
-        if self.balancer.aux_rows(b) > self.bank.k:
-            return False
         with torch.no_grad():
             g = self.bank.flat_gram(views, b)
             if not math.isfinite(sum(map(sum, g[:b]))):

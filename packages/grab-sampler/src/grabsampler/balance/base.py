@@ -205,6 +205,9 @@ class Balancer:
     passive = 0
     #: ``step`` takes the inner-product matrix as nested lists of floats (else a tensor)
     host_gram = False
+    #: the entries ``(p, q)`` of the stored vectors' own inner products that ``step``
+    #: reads (None: all of them); the one-block fast path tracks only these on the host
+    stored_reads: tuple[tuple[int, int], ...] | None = None
 
     def __init__(self, n: int, decider: Decider) -> None:
         self.n = n

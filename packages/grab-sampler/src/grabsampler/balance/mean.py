@@ -43,6 +43,8 @@ class MeanBalance(Balancer):
         self.sigma = 0.0
 
     passive = 1
+    #: ``step`` reads <m, m> and <u, m> of the stored vectors, never <u, u>
+    stored_reads = ((M, M), (U, M))
 
     def aux_rows(self, batch_size: int) -> int:
         return 3
@@ -66,9 +68,11 @@ class MeanBalance(Balancer):
         if normalize:
             sq = [g[i][i] - 2 * rm[i] + mm for i in range(b)]
             sc = [1.0 / math.sqrt(q) if q > 0 else 0.0 for q in sq]
-        us = self.decider.uniforms(b)
         greedy = not self.decider.probabilistic
         sequential = self.sequential
+        if greedy and sequential and not normalize:
+            return self._greedy_step(g, indices, a0, rm, mm)
+        us = self.decider.uniforms(b)
         # w: weights of this batch's (centered) examples in the running sum so far;
         # <sum_i w_i c_i, c_j> = sum_i w_i <x_i, x_j> - sum_i w_i <x_i, m>
         #                        - (sum_i w_i) (<x_j, m> - <m, m>)
@@ -90,6 +94,38 @@ class MeanBalance(Balancer):
         self.place.put_many(indices, eps)
         self.count += b
         self.sigma += wsum  # s += sum_i w_i (x_i - m): u += sum_i w_i x_i, sigma += sum_i w_i
+        return [U, T], [w, [1.0] * b], []
+
+    def _greedy_step(
+        self, g: list[list[float]], indices: list[int], a0: list[float], rm: list[float], mm: float
+    ) -> Update:
+        """The loop of :meth:`step` for greedy, unnormalized, sequential signs.
+
+        The same arithmetic in the same order; the weights list grows with the
+        decided examples (the products with the undecided ones were zeros).
+        """
+        b = len(indices)
+        w: list[float] = []
+        eps: list[int] = []
+        wsum = wm = 0.0
+        for j in range(b):
+            rj = rm[j]
+            dot = a0[j]
+            if j:
+                dot += sum(map(mul, w, g[j])) - wm - wsum * (rj - mm)
+            if dot < 0:
+                eps.append(1)
+                w.append(1.0)
+                wsum += 1.0
+                wm += rj
+            else:
+                eps.append(-1)
+                w.append(-1.0)
+                wsum -= 1.0
+                wm -= rj
+        self.place.put_many(indices, eps)
+        self.count += b
+        self.sigma += wsum
         return [U, T], [w, [1.0] * b], []
 
     def end_epoch(self, unvisited: list[int]) -> tuple[list[int], Tensor]:

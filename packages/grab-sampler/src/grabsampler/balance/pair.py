@@ -41,6 +41,8 @@ class PairBalance(Balancer):
 
     name = "pair"
     host_gram = True
+    #: ``step`` reads <cache, s> and <cache, cache> of the stored vectors, never <s, s>
+    stored_reads = ((CACHE, S), (CACHE, CACHE))
 
     def __init__(self, n: int, decider: Any) -> None:
         super().__init__(n, decider)
