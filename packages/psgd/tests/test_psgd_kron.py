@@ -325,3 +325,95 @@ def test_compiled_kron_matches_eager() -> None:
         results.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_constant_probability_decision_is_float32_arithmetic() -> None:
+    """The host-float path for a constant probability decides as float32 tensors do."""
+    gen = torch.Generator().manual_seed(0)
+    probs = [0.03, 1.0, 0.5, 1 / 3, 0.1, 0.07, 1e-7, 0.999999]
+    probs += torch.rand(300, generator=gen, dtype=torch.float64).tolist()
+    for prob in probs:
+        p32 = torch.tensor(prob, dtype=torch.float32)
+        for counter in [0, 1, 2, 9, 32, 33, 34, 99, 10**6, 2**24 + 2]:
+            ref = bool(torch.tensor(counter + 1, dtype=torch.float32) >= 1.0 / p32)
+            assert should_update(prob, 0, counter) == (ref, 0 if ref else counter + 1)
+    assert should_update(0.0, 0, 5) == (False, 6)
+
+
+def _mixed_params() -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(5, 4), (3, 2, 4), (4,), (), (6, 1)]
+    return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+
+
+def test_non_update_steps_match_the_general_path() -> None:
+    """The cached non-update path gives bit-identical results to the general step."""
+    runs = []
+    for fast in (True, False):
+        params = _mixed_params()
+        extra = torch.nn.Parameter(torch.ones(3, 3))
+        torch.manual_seed(0)
+        opt = psgd.Kron(
+            params[:4], lr=0.05, weight_decay=0.1, preconditioner_update_probability=0.3
+        )
+        if not fast:
+            opt._plain_step = lambda: False  # type: ignore[method-assign]
+        gen = torch.Generator().manual_seed(1)
+        for t in range(40):
+            if t == 15:
+                opt.add_param_group({"params": [extra], "lr": 0.02, "b1": 0.5})
+            if t == 25:
+                opt.add_param_group({"params": [params[4]]})
+            everything = params + ([extra] if t >= 15 else [])
+            for k, p in enumerate(everything):
+                skip = (t % 4 == 1 and k == 2) or (t < 20 and p is params[4])
+                p.grad = None if skip else torch.randn(p.shape, generator=gen)
+            opt.step()
+        runs.append(([p.detach().clone() for p in [*params, extra]], opt.state_dict()))
+    (pa, sa), (pb, sb) = runs
+    for a, b in zip(pa, pb):
+        assert torch.equal(a, b)
+    for key, st in sa["state"].items():
+        for name, value in st.items():
+            assert torch.equal(value, sb["state"][key][name]), name
+
+
+def test_non_finite_gradient_on_a_non_update_step() -> None:
+    params = _mixed_params()[:3]
+    opt = psgd.Kron(params, lr=0.05, preconditioner_update_probability=1.0)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape)
+        opt.step()
+    opt.param_groups[0]["preconditioner_update_probability"] = 0.0
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    opt.step()  # a non-update step builds the cached plan
+    before = [p.detach().clone() for p in params]
+    state = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    params[1].grad[0, 1, 2] = math.inf
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.step()
+    assert torch.equal(params[1].detach(), before[1])
+    for k, v in state[1].items():
+        assert torch.equal(opt.state[params[1]][k], v), k
+    for i in (0, 2):  # the others still moved, their step counters too
+        assert not torch.equal(params[i].detach(), before[i])
+        assert int(opt.state[params[i]]["step"]) == int(state[i]["step"]) + 1
+
+
+def test_finite_gradient_whose_sum_overflows_is_not_skipped() -> None:
+    """The one-sum finiteness check falls back to the exact check when the sum overflows."""
+    p = torch.nn.Parameter(torch.zeros(4, 4))
+    opt = psgd.Kron([p], lr=1e-40, preconditioner_update_probability=0.0)
+    p.grad = torch.full((4, 4), 3e38)  # finite, but the sum is inf
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # initialises the state (general path)
+        p.grad = torch.full((4, 4), 3e38)
+        opt.step()  # non-update path
+    assert int(opt.state[p]["step"]) == 2

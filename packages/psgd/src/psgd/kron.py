@@ -149,12 +149,18 @@ class Kron(PSGDBase):
         for key in ("prob_step", "update_counter", "num_updates"):
             self._counters[key] = torch.tensor(0, dtype=torch.int64)
         self._ownership = Ownership(distributed)
+        self._plan: list[_Entry] | None = None
+        self._fresh: list[Tensor] = []
         if not isinstance(compile, bool):
             raise TypeError(f"compile must be a bool, got {type(compile).__name__}")
         # optional: the preconditioner application through torch.compile (never required)
         self._precondition: Callable[[Tensor, list[Tensor]], Tensor] = (
             torch.compile(F.precondition, dynamic=True) if compile else F.precondition
         )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._plan = None  # new parameters: rebuild the non-update plan
 
     # ------------------------------------------------------------------ layout
     @staticmethod
@@ -201,6 +207,7 @@ class Kron(PSGDBase):
         return qs, ps, ls
 
     def _after_load(self) -> None:
+        self._plan = None
         for group in self.param_groups:
             if group["geometry"] in ("EQ", "QUAD"):
                 continue  # the cache lives inside Q (EQ) or Q is P (QUAD)
@@ -221,6 +228,9 @@ class Kron(PSGDBase):
         loss = closure_loss(closure)
         c = self._counters
         do_update, n_upd = advance(c, self.param_groups[0]["preconditioner_update_probability"])
+        if not do_update and self._plain_step():
+            return loss
+        self._plan = None  # the general path may create or replace state: rebuild the plan
         do_balance = do_update and n_upd % 100 == 99
 
         work: list[tuple[dict[str, Any], Tensor, Tensor, int]] = []
@@ -325,12 +335,121 @@ class Kron(PSGDBase):
             )
         return loss
 
+    # ------------------------------------------------------- non-update steps
+    def _build_plan(self) -> list[_Entry] | None:
+        """Per-parameter metadata for :meth:`_plain_step` (None: take the general path)."""
+        plan, fresh = [], []
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                if DTensor is not None and isinstance(p, DTensor):
+                    return None
+                state = self.state.get(p)
+                if not state:
+                    if p.grad is not None:
+                        return None
+                    fresh.append(p)  # no state yet: a gradient sends the step to the general path
+                    continue
+                shape, _ = self._layout(group, p)
+                qs, ps, _ = self._factors(state, len(shape))
+                mats = F.preconditioner_matrices(qs, ps, group["geometry"])
+                mom = state["momentum_buffer"]
+                plan.append(
+                    _Entry(group, i, p, state, mom, state["step"], int(state["step"]), mats, shape)
+                )
+        self._fresh = fresh
+        return plan
+
+    def _plain_step(self) -> bool:
+        """A step without a preconditioner update, on the same arithmetic as the general path.
+
+        Per-parameter metadata (working shape, the ``P_i`` to apply, buffers) is cached
+        in a plan that is rebuilt after every general step and on ``load_state_dict``.
+        One host sync checks every gradient (a sum is finite iff its terms are, barring
+        overflow, which falls back to the exact check); one more reads every RMS.
+        Returns False, having changed nothing, when the general path must run
+        (a parameter without state, DTensor parameters).
+        """
+        plan = self._plan
+        if plan is None:
+            plan = self._plan = self._build_plan()
+            if plan is None:
+                return False
+        if any(p.grad is not None for p in self._fresh):
+            self._plan = None
+            return False
+        live = []
+        for e in plan:
+            g = e.p.grad
+            if g is not None:
+                if g.is_sparse:
+                    self._check_grad(e.p, g)
+                live.append((e, g))
+        if not live:
+            return True
+        sums = torch.stack([g.sum() for _, g in live])
+        if not bool(torch.isfinite(sums).all()):
+            finite = _all_finite([g for _, g in live])
+            for (e, _), ok in zip(live, finite):
+                if not ok:
+                    self._warn_nonfinite(self._param_name(e.group, e.index, e.p))
+            live = [item for item, ok in zip(live, finite) if ok]
+            if not live:
+                return True
+        torch._foreach_add_([e.step_t for e, _ in live], 1)
+        pres = []
+        for e, g in live:
+            e.step += 1
+            mom = e.mom
+            g = g.reshape(e.shape) if g.shape != e.shape else g
+            mom.lerp_(g if g.dtype == mom.dtype else g.to(mom.dtype), 1 - e.group["b1"])
+            mats = e.mats
+            pres.append(
+                self._precondition(
+                    mom if mom.dtype == mats[0].dtype else mom.to(mats[0].dtype), mats
+                )
+            )
+        norms = torch.stack([torch.linalg.vector_norm(pre) for pre in pres]).tolist()
+        for (e, _), pre, nrm in zip(live, pres, norms):
+            group, p = e.group, e.p
+            inv_bc = 1.0 / (1 - group["b1"] ** e.step)
+            rms = nrm / math.sqrt(pre.numel()) * inv_bc
+            scale = inv_bc * min(1.0, group["clip_update_rms"] / (rms + 1e-12))
+            if group["weight_decay"] != 0 and p.dim() >= 2:
+                p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+            update = pre.view(p.shape)
+            p.add_(
+                update if update.dtype == p.dtype else update.to(p.dtype),
+                alpha=-group["lr"] * scale,
+            )
+        return True
+
     @staticmethod
     def _fused(group: dict[str, Any]) -> bool:
         """Matmul geometry fitted to the momentum: fit after the update, reusing ``P m``."""
         return group["geometry"] in ("QEQ", "Q0.5EQ1.5", "QUAD") and bool(
             group["momentum_into_precond_update"]
         )
+
+
+class _Entry:
+    """Cached per-parameter metadata of a non-update step."""
+
+    __slots__ = ("group", "index", "mats", "mom", "p", "shape", "state", "step", "step_t")
+
+    def __init__(
+        self,
+        group: dict[str, Any],
+        index: int,
+        p: Tensor,
+        state: dict[str, Any],
+        mom: Tensor,
+        step_t: Tensor,
+        step: int,
+        mats: list[Tensor],
+        shape: tuple[int, ...],
+    ) -> None:
+        self.group, self.index, self.p, self.state = group, index, p, state
+        self.mom, self.step_t, self.step, self.mats, self.shape = mom, step_t, step, mats, shape
 
 
 def _full(t: Tensor) -> Tensor:

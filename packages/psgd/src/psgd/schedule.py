@@ -10,7 +10,9 @@ no host random generator is involved.
 
 from __future__ import annotations
 
+import functools
 import math
+import struct
 from collections.abc import Callable
 
 import torch
@@ -97,6 +99,12 @@ def should_update(
     """
     if prob is None:
         prob = _DEFAULT
+    if isinstance(prob, float) and 0.0 <= prob <= 1.0:
+        # a constant: the same float32 decision on host floats (no tensor ops)
+        counter += 1
+        threshold = _reciprocal32(prob)
+        update = threshold is not None and _f32(counter) >= threshold
+        return update, (0 if update else counter)
     value = prob(step) if callable(prob) else prob
     p = torch.as_tensor(value, dtype=torch.float32)
     if not bool(torch.isfinite(p)) or not (0.0 <= float(p) <= 1.0):
@@ -106,6 +114,25 @@ def should_update(
         return False, counter
     update = bool(torch.tensor(counter, dtype=torch.float32) >= 1.0 / p)
     return update, (0 if update else counter)
+
+
+def _f32(x: float) -> float:
+    """``x`` rounded to float32 (round to nearest even)."""
+    return float(struct.unpack("f", struct.pack("f", x))[0])
+
+
+@functools.lru_cache(maxsize=64)
+def _reciprocal32(prob: float) -> float | None:
+    """float32 ``1 / float32(prob)`` (None for a zero probability: never update).
+
+    The double quotient of two float32 values rounded once more to float32 is the
+    correctly rounded float32 quotient (53 >= 2 * 24 + 2 bits), so this matches
+    ``1.0 / torch.tensor(prob, dtype=torch.float32)``.
+    """
+    p32 = _f32(prob)
+    if p32 <= 0.0:
+        return None
+    return _f32(1.0 / p32)
 
 
 def advance(
