@@ -212,37 +212,37 @@ class AuxBank:
         out += [row + srow for row, srow in zip(cross, sl)]
         return out
 
-    def flat_plan(self, b: int) -> _FlatPlan:
-        """The cached views and buffers of the one-block fast path for batches of ``b``."""
+    def flat_plan(self, b: int, shapes: Sequence[Sequence[int]]) -> _FlatPlan:
+        """The cached views and buffers of the one-block fast path for batches of ``b``.
+
+        ``shapes`` are the parameter tensors' shapes (per example).
+        """
         plan = self._plans.get(b)
         if plan is None:
             if b > self.cap:
                 self._grow_cap(b)
-            plan = _FlatPlan(self, b)
+            plan = _FlatPlan(self, b, shapes)
             self._plans[b] = plan
         return plan
 
     def flat_gram(self, xs: list[Tensor], b: int) -> list[list[float]]:
-        """:meth:`gram_lists` for a bank that is one small block, from ``(B, n_i)`` tensors.
+        """:meth:`gram_lists` for a bank that is one small block, from ``(B, *shape)`` tensors.
 
-        The tensors must have the bank's dtype and device and match its sizes
+        Call :meth:`flat_plan` first. The tensors must have exactly the shapes
+        ``plan.shapes``, the bank's dtype and device, and not require gradients
         (the caller checks); :meth:`flat_apply` then updates the stored vectors.
         Narrow blocks get the whole ``[batch; stored]`` Gram matrix from one
         product; wide ones one ``(B + k_a, B)`` product, with the inner products
         of the stored vectors tracked on the host (only the entries the balancer
         reads, see :attr:`~grabsampler.balance.base.Balancer.stored_reads`).
         """
-        plan = self._plans.get(b) or self.flat_plan(b)
-        xw = plan.xw
-        if len(xs) == 1:
-            xw.copy_(xs[0])
-        else:
-            torch.cat(xs, dim=1, out=xw)
+        plan = self._plans[b]
+        _copy_all(plan.dsts, xs)
         self._flat = plan.rows
         if plan.square:
             self._fg = None
             return torch.mm(plan.z, plan.z.T, out=plan.f).tolist()
-        fl = torch.mm(plan.z, xw.T, out=plan.f).tolist()
+        fl = torch.mm(plan.z, plan.xwt, out=plan.f).tolist()
         self._fg = fl
         if not plan.ka:
             return fl
@@ -455,6 +455,18 @@ class AuxBank:
         self._alloc(blocks)
 
 
+def _copy_all(dsts: list[Tensor], srcs: list[Tensor]) -> None:
+    """``dst.copy_(src)`` for each pair, in one call where torch offers it."""
+    if _foreach_copy is not None:
+        _foreach_copy(dsts, srcs)
+    else:
+        for d, s in zip(dsts, srcs):
+            d.copy_(s)
+
+
+_foreach_copy = getattr(torch, "_foreach_copy_", None)
+
+
 class _Update:
     """A cached target view and host-filled weight buffer of a fast-path update."""
 
@@ -482,14 +494,22 @@ class _Update:
 class _FlatPlan:
     """Views of the workspace for one batch size of the one-block fast path."""
 
-    def __init__(self, bank: AuxBank, b: int) -> None:
+    def __init__(self, bank: AuxBank, b: int, shapes: Sequence[Sequence[int]]) -> None:
         ka = bank.k - bank.passive
         cap = bank.cap
         self.ka = ka
         self.xw = bank.work[cap - b : cap]
+        self.xwt = self.xw.T
         self.z = bank.work[cap - b : cap + ka]
         self.act = bank.work[cap : cap + ka]
         self.rows = DenseRows(self.xw)
+        #: the expected ``(B, *shape)`` of each gradient and its place in the workspace
+        self.shapes = [torch.Size((b, *s)) for s in shapes]
+        self.dsts: list[Tensor] = []
+        off = 0
+        for shape, size in zip(self.shapes, bank.sizes):
+            self.dsts.append(self.xw[:, off : off + size].view(shape))
+            off += size
         self.square = self.xw.shape[1] <= ONE_PRODUCT_COLS or ka == 0
         cols = b + ka if self.square else b
         self.f = torch.empty(b + ka, cols, dtype=bank.dtype, device=bank.device)
@@ -518,9 +538,10 @@ def _track(
     if isinstance(wx, Tensor):
         return None
     coef: dict[int, list[float]] = {}
+    zero = [0.0] * ka
     for j, p in enumerate(changed):
         if p < ka:
-            c = [float(v) for v in wx[j]] + [0.0] * ka
+            c = [*wx[j], *zero]
             c[b + p] = 1.0
             coef[p] = c
     for j, i, v in terms:

@@ -157,9 +157,7 @@ class GraBSampler(Sampler[int]):
             and self.balancer.host_gram
             and self.balancer.uses_gradients
         )
-        #: per batch size: the expected ``(B, *shape)`` of each gradient (fast path)
-        self._shapes: dict[int, list[torch.Size]] = {}
-        self._pshapes = [t.shape for t in tensors]
+        self._pshapes = [tuple(t.shape) for t in tensors]
         self.epoch = -1
         self.in_epoch = False
         self.position = 0
@@ -216,8 +214,9 @@ class GraBSampler(Sampler[int]):
 
         Returns False, with nothing changed, when the input needs the general
         path (which also produces the error messages). The checks here are
-        cheap ones (names, shapes, dtype, device, room left in the epoch); the
-        views of the bank's workspace are cached per batch size.
+        cheap ones (names, exact shapes, dtype, device, no autograd history,
+        room left in the epoch); the views of the bank's workspace that the
+        gradients are copied into are cached per batch size.
         """
         if len(grads) != len(self.names) or not self.in_epoch:
             return False
@@ -226,30 +225,34 @@ class GraBSampler(Sampler[int]):
         if t0 is None or not t0.dim():
             return False
         b = t0.shape[0]
-        shapes = self._shapes.get(b)
-        if shapes is None:
-            if b <= 0 or self.balancer.aux_rows(b) > self.bank.k:
+        bank = self.bank
+        plan = bank._plans.get(b)
+        if plan is None:
+            if b <= 0 or self.balancer.aux_rows(b) > bank.k:
                 return False
-            shapes = self._shapes[b] = [torch.Size((b, *s)) for s in self._pshapes]
+            plan = bank.flat_plan(b, self._pshapes)
         if self.position + b > self.n:
             return False
         dtype, device = self.dtype, self.device
-        views: list[Tensor] = []
-        for t, shape, size in zip(ts, shapes, self.sizes):
-            if t is None or t.dtype != dtype or t.device != device:
+        for t, shape in zip(ts, plan.shapes):
+            if (
+                t is None
+                or t.shape != shape
+                or t.dtype != dtype
+                or t.device != device
+                or t.requires_grad
+            ):
                 return False
-            if t.shape != shape and (t.dim() < 1 or t.shape[0] != b or t.numel() != b * size):
-                return False
-            views.append(t.view(b, size) if t.is_contiguous() else t.reshape(b, size))
-        with torch.no_grad():
-            g = self.bank.flat_gram(views, b)
-            if not math.isfinite(sum(map(sum, g[:b]))):
-                raise ValueError(
-                    "per_sample_grads contain non-finite values (inf or nan, or too large to square)"
-                )
-            update = self.balancer.step(g, self.order[self.position : self.position + b])
-            if update is not None:
-                self.bank.flat_apply(*update)
+        # nothing below records autograd history: the inputs do not require
+        # gradients and the workspace and stored vectors never do
+        g = bank.flat_gram(ts, b)  # type: ignore[arg-type]
+        if not math.isfinite(sum(map(sum, g[:b]))):
+            raise ValueError(
+                "per_sample_grads contain non-finite values (inf or nan, or too large to square)"
+            )
+        update = self.balancer.step(g, self.order[self.position : self.position + b])
+        if update is not None:
+            bank.flat_apply(*update)
         self.position += b
         return True
 

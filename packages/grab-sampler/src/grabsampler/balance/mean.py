@@ -62,16 +62,16 @@ class MeanBalance(Balancer):
         rm = mrow[:b]  # <x_i, m>
         # <s, c_i> with s = u - sigma m and c_i = x_i - m
         sig = self.sigma
-        a0 = [r - sig * q - um + sig * mm for r, q in zip(urow[:b], rm)]
         normalize = self.decider.normalize
+        if not (normalize or self.decider.probabilistic) and self.sequential:
+            return self._greedy_step(g, indices, urow, rm, mm, um)
+        a0 = [r - sig * q - um + sig * mm for r, q in zip(urow[:b], rm)]
         sc = [1.0] * b
         if normalize:
             sq = [g[i][i] - 2 * rm[i] + mm for i in range(b)]
             sc = [1.0 / math.sqrt(q) if q > 0 else 0.0 for q in sq]
         greedy = not self.decider.probabilistic
         sequential = self.sequential
-        if greedy and sequential and not normalize:
-            return self._greedy_step(g, indices, a0, rm, mm)
         us = self.decider.uniforms(b)
         # w: weights of this batch's (centered) examples in the running sum so far;
         # <sum_i w_i c_i, c_j> = sum_i w_i <x_i, x_j> - sum_i w_i <x_i, m>
@@ -97,7 +97,13 @@ class MeanBalance(Balancer):
         return [U, T], [w, [1.0] * b], []
 
     def _greedy_step(
-        self, g: list[list[float]], indices: list[int], a0: list[float], rm: list[float], mm: float
+        self,
+        g: list[list[float]],
+        indices: list[int],
+        urow: list[float],
+        rm: list[float],
+        mm: float,
+        um: float,
     ) -> Update:
         """The loop of :meth:`step` for greedy, unnormalized, sequential signs.
 
@@ -105,12 +111,14 @@ class MeanBalance(Balancer):
         decided examples (the products with the undecided ones were zeros).
         """
         b = len(indices)
+        sig = self.sigma
+        smm = sig * mm
         w: list[float] = []
         eps: list[int] = []
         wsum = wm = 0.0
         for j in range(b):
             rj = rm[j]
-            dot = a0[j]
+            dot = urow[j] - sig * rj - um + smm  # <s, c_j> before this batch
             if j:
                 dot += sum(map(mul, w, g[j])) - wm - wsum * (rj - mm)
             if dot < 0:

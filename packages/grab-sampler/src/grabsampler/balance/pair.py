@@ -60,6 +60,8 @@ class PairBalance(Balancer):
         b = len(indices)
         g = gram if isinstance(gram, list) else gram.tolist()
         has_cache = self.cache_index >= 0
+        if not (has_cache or self.decider.probabilistic or self.decider.normalize):
+            return self._greedy_step(g, indices)
         rows = ([b + CACHE] if has_cache else []) + list(range(b))
         ids = ([self.cache_index] if has_cache else []) + list(indices)
         pairs, left = pair_up(list(range(len(rows))))
@@ -104,6 +106,37 @@ class PairBalance(Balancer):
         else:
             self.cache_index = -1
         return [S, CACHE], wx, terms
+
+    def _greedy_step(self, g: list[list[float]], indices: list[int]) -> Update:
+        """The loop of :meth:`step` for greedy, unnormalized signs and no waiting example.
+
+        The same arithmetic in the same order; the weights list grows with the
+        decided pairs (the products with the undecided rows were zeros).
+        """
+        b = len(indices)
+        sr = b + S
+        y: list[float] = []
+        ids: list[int] = []
+        signs: list[int] = []
+        for u in range(0, b - 1, 2):
+            gu, gv = g[u], g[u + 1]
+            dot = gu[sr] - gv[sr]
+            if u:
+                dot += sum(map(mul, y, gu)) - sum(map(mul, y, gv))
+            ids += indices[u : u + 2]
+            if dot < 0:
+                signs += (1, -1)
+                y += (1.0, -1.0)
+            else:
+                signs += (-1, 1)
+                y += (-1.0, 1.0)
+        self.place.put_many(ids, signs)
+        cache = [0.0] * b
+        if b % 2:
+            y.append(0.0)
+            cache[b - 1] = 1.0
+            self.cache_index = indices[b - 1]
+        return [S, CACHE], [y, cache], []
 
     def end_epoch(self, unvisited: list[int]) -> tuple[list[int], Tensor]:
         middle = ([self.cache_index] if self.cache_index >= 0 else []) + unvisited
