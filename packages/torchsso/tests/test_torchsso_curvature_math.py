@@ -10,6 +10,7 @@ from torch.func import functional_call, hessian, jacrev
 
 from optcore.persample import per_sample_grads
 from torchsso import SecondOrderOptimizer
+from torchsso.curvature.shapes import _split_damping
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -275,3 +276,34 @@ def test_kron_factored_damping_cholesky():
     got = b.precondition(inv, [V[:, :3], V[:, 3]])
     want = torch.linalg.solve(Gd, V) @ torch.linalg.inv(Ad)
     torch.testing.assert_close(torch.cat([got[0], got[1][:, None]], 1), want)
+
+
+@pytest.mark.parametrize("every_step", [False, True])
+def test_kron_tikhonov_damping_split(every_step):
+    # damping_split="tikhonov": factor dampings (pi d, d / pi) with (a + pi d)(g + d / pi)
+    # = a g + damping at the trace means a = tr A / dim A, g = tr G / dim G
+    torch.manual_seed(11)
+    lin = nn.Linear(3, 2)
+    x, y = torch.randn(7, 3), torch.randint(0, 2, (7,))
+    opt = _one_step(lin, "Cov", "Kron", x, y, damping_split="tikhonov")
+    c, b = _curv(opt), opt.blocks[0]
+    a, g = float(torch.trace(c["A"])) / 4, float(torch.trace(c["G"])) / 2
+    pi = (a / g) ** 0.5
+    s = (a * g) ** 0.5
+    d = (s * s + 1e-3) ** 0.5 - s
+    assert abs((a + pi * d) * (g + d / pi) - (a * g + 1e-3)) < 1e-9
+    assert d < 1e-3**0.5  # less than the sqrt split adds
+    opts = {**opt.curv_opts, "solve": every_step}
+    inv = b.inverse(c, 1e-3, opts)
+    V = torch.randn(2, 4)
+    got = b.precondition(inv, [V[:, :3], V[:, 3]])
+    Ad = c["A"] + pi * d * torch.eye(4)
+    Gd = c["G"] + d / pi * torch.eye(2)
+    want = torch.linalg.solve(Gd, V) @ torch.linalg.inv(Ad)
+    torch.testing.assert_close(torch.cat([got[0], got[1][:, None]], 1), want)
+    # a damping far above the curvature: the two splits agree
+    da, dg = _split_damping(torch.trace(c["A"]), 4, torch.trace(c["G"]), 2, 1e8,
+                            {"damping_split": "tikhonov"})  # fmt: skip
+    assert abs(da * dg - 1e8) / 1e8 < 1e-3 and abs(da / dg - pi * pi) < 1e-6 * pi * pi
+    with pytest.raises(ValueError, match="damping_split"):
+        SecondOrderOptimizer(lin, "Cov", "Kron", {"damping_split": "cube"})

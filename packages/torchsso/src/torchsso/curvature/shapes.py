@@ -320,14 +320,38 @@ def _pi(A_tr: Tensor, A_dim: int, G_tr: Tensor, G_dim: int, pi_type: str) -> flo
     return math.sqrt(a / g)
 
 
-def _pi_damping(A: Tensor, G: Tensor, damping: float, opts: dict) -> tuple[float, float]:
-    """Damping added to ``A`` and to ``G`` under factored (pi) damping of ``A (x) G``:
-    ``(pi sqrt(damping), sqrt(damping) / pi)``."""
-    pi = _pi(
-        torch.trace(A), A.shape[0], torch.trace(G), G.shape[0], opts.get("pi_type", "trace_norm")
-    )
+DAMPING_SPLITS = ("sqrt", "tikhonov")
+
+
+def _split_damping(
+    a_tr: Tensor, a_dim: int, g_tr: Tensor, g_dim: int, damping: float, opts: dict
+) -> tuple[float, float]:
+    """Damping ``(pi d, d / pi)`` added to ``A`` and ``G`` under factored damping.
+
+    ``damping_split="sqrt"`` (Martens & Grosse 2015): ``d = sqrt(damping)``, so that the
+    damped product is ``A (x) G + damping I`` plus the cross terms
+    ``d (pi I (x) G + A (x) I / pi)``, which over-damp when ``damping`` is small next to
+    the curvature. ``"tikhonov"``: ``d = sqrt(s^2 + damping) - s`` with
+    ``s = (pi g + a / pi) / 2`` (``a = tr A / dim A``, ``g = tr G / dim G``), the ``d``
+    for which the damped product at the trace means, ``(a + pi d)(g + d / pi)``, is
+    exactly ``a g + damping`` as under Tikhonov damping ``A (x) G + damping I``; it is
+    ``sqrt(damping)`` again when ``damping >> a g``.
+    """
+    pi = _pi(a_tr, a_dim, g_tr, g_dim, opts.get("pi_type", "trace_norm"))
+    if opts.get("damping_split", "sqrt") == "tikhonov":
+        a, g = float(a_tr) / a_dim, float(g_tr) / g_dim
+        s = 0.5 * (pi * g + a / pi)
+        if s > 0 and math.isfinite(s):
+            d = damping / (s + math.sqrt(s * s + damping)) if damping > 0 else 0.0
+            return pi * d, d / pi
     r = math.sqrt(damping)
     return pi * r, r / pi
+
+
+def _pi_damping(A: Tensor, G: Tensor, damping: float, opts: dict) -> tuple[float, float]:
+    """Damping added to ``A`` and to ``G`` under factored (pi) damping of ``A (x) G``
+    (see :func:`_split_damping`)."""
+    return _split_damping(torch.trace(A), A.shape[0], torch.trace(G), G.shape[0], damping, opts)
 
 
 def _kron_inverses(A: Tensor, G: Tensor, da: float, dg: float, chol: bool) -> dict[str, Tensor]:
@@ -403,14 +427,11 @@ class Kron(LayerCurvature):
     def inverse(self, f: dict[str, Tensor], damping: float, opts: dict) -> dict[str, Tensor]:
         A, G = f["A"], f["G"]
         if self.embedding:
-            pi = _pi(
-                A.sum(), A.numel(), torch.trace(G), G.shape[0], opts.get("pi_type", "trace_norm")
-            )
-            r = math.sqrt(damping)
-            out = {"A_inv": 1.0 / (A + pi * r), "G_inv": fast_damped_inverse(G, r / pi)}
+            da, dg = _split_damping(A.sum(), A.numel(), torch.trace(G), G.shape[0], damping, opts)
+            out = {"A_inv": 1.0 / (A + da), "G_inv": fast_damped_inverse(G, dg)}
             if opts.get("chol"):
                 out["G_chol"] = torch.linalg.cholesky(
-                    G + (r / pi) * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+                    G + dg * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
                 )
             return out
         if opts.get("inverse_method", "cholesky") == "eigh" and not opts.get("chol"):

@@ -32,7 +32,7 @@ from optcore.distributed import (
 
 from ..curvature.capture import CURV_TYPES, LOSSES, Capture
 from ..curvature.factory import build_blocks
-from ..curvature.shapes import LayerCurvature
+from ..curvature.shapes import DAMPING_SPLITS, LayerCurvature
 
 __all__ = ["SecondOrderOptimizer"]
 
@@ -74,7 +74,11 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         curv_kwargs: ``damping`` (float or ``step -> float``, default ``1e-3``),
             ``ema_decay`` (weight of the *new* estimate, as in PyTorch-SSO; 1 = no
             averaging, default 1), ``pi_type`` (``"trace_norm"`` factored damping or
-            ``"none"``), ``inverse_method`` (``"cholesky"`` or ``"eigh"``: exact
+            ``"none"``), ``damping_split`` (how factored damping splits ``damping``
+            between the factors: ``"sqrt"``, ``pi sqrt(damping)`` and ``sqrt(damping) / pi``,
+            or ``"tikhonov"``, the split that adds exactly ``damping`` at the factors'
+            mean eigenvalues, see :func:`torchsso.curvature.shapes._split_damping`),
+            ``inverse_method`` (``"cholesky"`` or ``"eigh"``: exact
             Tikhonov damping of ``A (x) G``), ``loss`` (``"cross_entropy"`` or ``"mse"``),
             ``num_mc`` (sampled labels per step for ``"Fisher"``), ``approx_type``
             (``"mc"`` or ``"exact"`` for ``"Fisher"``).
@@ -140,7 +144,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         kw = dict(curv_kwargs or {})
         unknown = set(kw) - {
             "damping", "ema_decay", "pi_type", "inverse_method", "loss", "num_mc",
-            "approx_type", "mc_samples",
+            "approx_type", "mc_samples", "damping_split",
         }  # fmt: skip
         if unknown:
             raise ValueError(f"curv_kwargs: unknown keys {sorted(unknown)}")
@@ -162,6 +166,11 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         if kw.get("pi_type", "trace_norm") not in ("trace_norm", "none"):
             raise ValueError(
                 f"curv_kwargs['pi_type'] must be 'trace_norm' or 'none', got {kw['pi_type']!r}"
+            )
+        if kw.get("damping_split", "sqrt") not in DAMPING_SPLITS:
+            raise ValueError(
+                f"curv_kwargs['damping_split'] must be one of {DAMPING_SPLITS}, "
+                f"got {kw['damping_split']!r}"
             )
         if kw.get("inverse_method", "cholesky") not in ("cholesky", "eigh"):
             raise ValueError("curv_kwargs['inverse_method'] must be 'cholesky' or 'eigh'")
@@ -195,6 +204,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         self.blocks: list[LayerCurvature] = build_blocks(inner, curv_shapes, curv_type)
         self.curv_opts = {
             "pi_type": kw.get("pi_type", "trace_norm"),
+            "damping_split": kw.get("damping_split", "sqrt"),
             "inverse_method": kw.get("inverse_method", "cholesky"),
         }
         # inverses recomputed on every step are used once: Kron blocks then keep Cholesky
