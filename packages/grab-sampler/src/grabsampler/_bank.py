@@ -241,7 +241,7 @@ class AuxBank:
         self._flat = plan.rows
         if plan.square:
             self._fg = None
-            return torch.mm(plan.z, plan.z.T, out=plan.f).tolist()
+            return torch.mm(plan.z, plan.zt, out=plan.f).tolist()
         fl = torch.mm(plan.z, plan.xwt, out=plan.f).tolist()
         self._fg = fl
         if not plan.ka:
@@ -501,6 +501,7 @@ class _FlatPlan:
         self.xw = bank.work[cap - b : cap]
         self.xwt = self.xw.T
         self.z = bank.work[cap - b : cap + ka]
+        self.zt = self.z.T
         self.act = bank.work[cap : cap + ka]
         self.rows = DenseRows(self.xw)
         #: the expected ``(B, *shape)`` of each gradient and its place in the workspace

@@ -159,6 +159,10 @@ class TwoEnded:
         """``put`` for several examples in order."""
         front = [i for i, e in zip(indices, signs) if e > 0]
         back = [i for i, e in zip(indices, signs) if e <= 0]
+        self.put_split(front, back)
+
+    def put_split(self, front: list[int], back: list[int]) -> None:
+        """``put`` for several examples: ``front`` signed ``+1``, ``back`` ``-1`` (each in order)."""
         if self.left + len(front) > self.right + 1 - len(back):
             raise RuntimeError("internal error: more examples placed than the epoch holds")
         self.slots[self.left : self.left + len(front)] = front

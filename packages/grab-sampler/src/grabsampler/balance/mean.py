@@ -114,24 +114,25 @@ class MeanBalance(Balancer):
         sig = self.sigma
         smm = sig * mm
         w: list[float] = []
-        eps: list[int] = []
+        front: list[int] = []
+        back: list[int] = []
         wsum = wm = 0.0
-        for j in range(b):
+        for j, i in enumerate(indices):
             rj = rm[j]
             dot = urow[j] - sig * rj - um + smm  # <s, c_j> before this batch
             if j:
                 dot += sum(map(mul, w, g[j])) - wm - wsum * (rj - mm)
             if dot < 0:
-                eps.append(1)
+                front.append(i)
                 w.append(1.0)
                 wsum += 1.0
                 wm += rj
             else:
-                eps.append(-1)
+                back.append(i)
                 w.append(-1.0)
                 wsum -= 1.0
                 wm -= rj
-        self.place.put_many(indices, eps)
+        self.place.put_split(front, back)
         self.count += b
         self.sigma += wsum
         return [U, T], [w, [1.0] * b], []
