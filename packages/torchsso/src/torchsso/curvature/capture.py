@@ -74,20 +74,23 @@ def output_vectors(
     if out.dim() != 2:
         out = out.reshape(out.shape[0], -1)
     C = out.shape[1]
-    if not torch.isfinite(out.sum()):
+    if not math.isfinite(float(out.sum())):
         raise FloatingPointError("non-finite curvature: the network output holds NaN or inf")
     vecs: list[tuple[Tensor, float]] = []
     if loss == "cross_entropy":
-        p = torch.softmax(out.float(), dim=1).to(out.dtype)
+        low = out.dtype in (torch.float16, torch.bfloat16)
+        p = torch.softmax(out.float(), dim=1).to(out.dtype) if low else torch.softmax(out, dim=1)
         if curv_type == "Fisher":
             # labels y ~ Categorical(p) by inverse CDF (one uniform per example; cheaper
             # than torch.multinomial's input validation on every curvature step)
             cdf = torch.cumsum(p, dim=1)
+            minus = p.new_full((p.shape[0], 1), -1.0)
             for _ in range(mc_samples):
                 u = torch.rand((out.shape[0], 1), generator=generator, dtype=p.dtype)
-                y = (cdf < u.to(p.device) * cdf[:, -1:]).sum(1).clamp_(max=C - 1)
-                v = p.clone().scatter_add_(1, y.unsqueeze(1), p.new_full((p.shape[0], 1), -1.0))
-                vecs.append((v, 1.0 / mc_samples))
+                if u.device != p.device:
+                    u = u.to(p.device)
+                y = (cdf < u * cdf[:, -1:]).sum(1, keepdim=True).clamp_(max=C - 1)
+                vecs.append((p.scatter_add(1, y, minus), 1.0 / mc_samples))
         else:
             # H = diag(p) - p p^T = sum_c p_c (e_c - p)(e_c - p)^T
             sq = p.sqrt()
@@ -106,6 +109,8 @@ def output_vectors(
                 v = torch.zeros_like(out)
                 v[:, c] = scale
                 vecs.append((v, 1.0))
+    if out.shape == output.shape:
+        return vecs
     return [(v.reshape(output.shape), w) for v, w in vecs]
 
 
