@@ -30,7 +30,7 @@ def _wide(x: Tensor) -> Tensor:
     return x
 
 
-def norm_lower_bound_herm(a: Tensor) -> Tensor:
+def norm_lower_bound_herm(a: Tensor, *, scratch: bool = False) -> Tensor:
     """Cheap lower bound of the spectral norm of a Hermitian matrix (float32 or wider).
 
     One step of power iteration started from the row of largest norm; the result
@@ -39,6 +39,8 @@ def norm_lower_bound_herm(a: Tensor) -> Tensor:
 
     Args:
         a: Hermitian ``(n, n)`` matrix.
+        scratch: ``a`` is a temporary the caller no longer needs: it is scaled in
+            place (same arithmetic, one ``n x n`` allocation less).
 
     Returns:
         A real 0-dim tensor.
@@ -47,7 +49,7 @@ def norm_lower_bound_herm(a: Tensor) -> Tensor:
     max_abs = a.abs().amax()
     if not bool(max_abs > 0):
         return max_abs
-    b = a / max_abs
+    b = a.div_(max_abs) if scratch and a.dtype == max_abs.dtype else a / max_abs
     j = torch.argmax(torch.linalg.vector_norm(b, dim=1))
     x = b @ b[j].conj()
     return max_abs * torch.linalg.vector_norm(b.mH @ x) / torch.linalg.vector_norm(x)

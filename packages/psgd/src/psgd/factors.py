@@ -220,8 +220,11 @@ def balance(qs: list[Tensor]) -> None:
         q.mul_((gmean / n).to(q.real.dtype))
 
 
-def _bound(t: Tensor) -> Tensor:
-    return t.real.amax().float() if t.dim() < 2 else norm_lower_bound_herm(t).float()
+def _bound(t: Tensor, scratch: bool = False) -> Tensor:
+    """Spectral-norm lower bound (``scratch``: ``t`` is a temporary and may be overwritten)."""
+    if t.dim() < 2:
+        return t.real.amax().float()
+    return norm_lower_bound_herm(t, scratch=scratch).float()
 
 
 def _moving_max(ell: Tensor, lip: Tensor | None, beta: float) -> Tensor:
@@ -284,12 +287,13 @@ def update_factors(
         for i, q in enumerate(work):
             diag = q.dim() < 2
             t1, t2 = unfold_gram(a, i, diag), unfold_gram(b, i, diag)
-            step = lr / _moving_max(_bound(t1 + t2), lips[i], beta_lip).clamp_min(1e-30)
+            step = lr / _moving_max(_bound(t1 + t2, True), lips[i], beta_lip).clamp_min(1e-30)
             if diag:
                 work[i] = q - step * (t1 - t2) * q
             else:
                 # Q <- Q - s triu(T) Q: a product of two upper-triangular matrices
-                u = torch.triu(t1 - t2)
+                # (t1 is a fresh Gram matrix: T = t1 - t2 and its triangle in place)
+                u = t1.sub_(t2).triu_()
                 if q.shape[0] < 2 * _linalg._BLOCK:
                     work[i] = torch.addmm(q, u, q, alpha=-float(step))
                 else:
