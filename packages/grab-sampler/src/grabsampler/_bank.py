@@ -21,6 +21,17 @@ buffers are not re-read for them. After the balancer has decided its signs it
 returns the weights of the change of the stored vectors; :meth:`AuxBank.apply`
 performs it with one ``(k', B) @ (B, n_block)`` product per block (chunked
 for wide blocks).
+
+When the whole bank is the one shared block (small models), the sampler's
+fast path uses :meth:`AuxBank.flat_plan` / :meth:`AuxBank.flat_gram` /
+:meth:`AuxBank.flat_apply`: the views of the workspace that each gradient is
+copied into (one ``_foreach_copy_``), the product's output and the weight
+buffer of the update are cached per batch size, so a step is one copy, one
+product, one host read and one ``addmm_``. Up to ``ONE_PRODUCT_COLS`` columns
+the product is the whole square matrix; wider blocks get the ``(B + k_a, B)``
+product (BLAS runs ``B = 16`` output columns far faster than ``B + k_a``)
+and the stored vectors' own inner products are tracked on the host, only
+those the balancer reads (its ``stored_reads``).
 """
 
 from __future__ import annotations
