@@ -63,3 +63,35 @@ def test_dict_fast_path_matches_tensor_input_and_rejects_bad_batches(kind):
                     fast.step({"w": w[:, :2], "b": rows[:, 12:]})
                 assert _state_equal(fast.state_dict(), before)
     assert list(iter(fast)) == list(iter(slow))
+
+
+@pytest.mark.parametrize("kind", ["mean", "pair"])
+@pytest.mark.parametrize("variant", ["requires_grad", "flat_shapes", "float32_into_float64"])
+def test_dicts_off_the_fast_path_give_the_same_orders(kind, variant):
+    """Dicts the fast path does not take (autograd history, other shapes of the same
+    size, another dtype) go through the general path with the same result."""
+    from grabsampler import GraBSampler
+
+    gen = torch.Generator().manual_seed(3)
+    n, batch, epochs = 14, 4, 3
+    params = {"w": torch.zeros(3, 4, dtype=torch.float64), "b": torch.zeros(3, dtype=torch.float64)}
+    table = torch.randn(epochs, n, 15, generator=gen, dtype=torch.float64) + 0.5
+    if variant == "float32_into_float64":
+        table = table.float().double()  # values exact in both dtypes
+    odd = GraBSampler(range(n), params, kind, seed=2)
+    ref = GraBSampler(range(n), params, kind, seed=2)
+    for e in range(epochs):
+        order = list(iter(odd))
+        assert list(iter(ref)) == order
+        for s in range(0, n, batch):
+            rows = table[e, order[s : s + batch]]
+            w, b = rows[:, :12], rows[:, 12:]
+            if variant == "requires_grad":
+                w = w.reshape(-1, 3, 4).clone().requires_grad_(True)
+            elif variant == "float32_into_float64":
+                w, b = w.reshape(-1, 3, 4).float(), b.float()
+            pos = odd.position
+            odd.step({"w": w, "b": b})
+            assert odd.position == pos + rows.shape[0]
+            ref.step(rows)
+    assert list(iter(odd)) == list(iter(ref))
