@@ -34,8 +34,12 @@ def _state_equal(a, b):
 
 
 @pytest.mark.parametrize("kind", ["mean", "pair"])
-def test_dict_fast_path_matches_tensor_input_and_rejects_bad_batches(kind):
-    from grabsampler import GraBSampler
+@pytest.mark.parametrize("wide", [False, True])
+def test_dict_fast_path_matches_tensor_input_and_rejects_bad_batches(monkeypatch, kind, wide):
+    from grabsampler import GraBSampler, _bank
+
+    if wide:  # the (B + k, B) product with host-tracked stored products
+        monkeypatch.setattr(_bank, "ONE_PRODUCT_COLS", 0)
 
     gen = torch.Generator().manual_seed(0)
     n, batch, epochs = 18, 4, 3
