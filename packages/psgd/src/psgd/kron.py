@@ -269,11 +269,13 @@ class Kron(PSGDBase):
             qs, ps, ls = self._factors(state, g.dim())
             pdt = qs[0].dtype
             if group["momentum_into_precond_update"]:
-                target = mom.to(pdt) / (1 - b1 ** int(state["step"]))
+                target = mom.to(pdt) / (1 - b1 ** int(state["step"]))  # a fresh tensor
+                fresh = True
             else:
-                target = g.to(pdt)
+                target, fresh = g.to(pdt), False
             v = self._randn_like(target, n_upd, index)
-            target = target + math.sqrt(_EPS32) * target.abs().mean() * v
+            noise = math.sqrt(_EPS32) * target.abs().mean() * v
+            target = target.add_(noise) if fresh else target + noise
             F.update_factors(
                 qs,
                 ps,
