@@ -410,6 +410,18 @@ def digits() -> dict:
     }
 
 
+def _curve_rows(run: dict, label: str) -> list[str]:
+    """Table rows of one run's per-epoch curve: ``label`` + epoch, seconds, test accuracy."""
+    rows = []
+    for c in run["curve"]:
+        ep = run["epoch_s"][c["epoch"] - 1]
+        rows.append(
+            f"| {label}epoch {c['epoch']} ({ep:.2f} s/epoch) | {c['seconds']:.1f} | "
+            f"{100 * c['accuracy']:.2f}% |"
+        )
+    return rows
+
+
 def table(res: dict) -> str:
     s = res["synthetic"]
     ex, kr = s.get("exact"), s.get("kernel_ridge")
@@ -421,29 +433,15 @@ def table(res: dict) -> str:
         "| method | seconds | test accuracy |",
         "|---|---|---|",
     ]
-    for c in s.get("curve", []):
-        ep = s["epoch_s"][c["epoch"] - 1]
-        lines.append(
-            f"| EigenPro3 (defaults) epoch {c['epoch']} ({ep:.2f} s/epoch) | {c['seconds']:.1f} | "
-            f"{100 * c['accuracy']:.2f}% |"
-        )
+    if "curve" in s:
+        lines += _curve_rows(s, "EigenPro3 (defaults) ")
     cc = s.get("compiled")
     if cc:
-        for c in cc["curve"]:
-            ep = cc["epoch_s"][c["epoch"] - 1]
-            lines.append(
-                f"| EigenPro3, `compiled=True` (setup {cc['setup_s']:.1f} s incl. torch.compile), "
-                f"epoch {c['epoch']} ({ep:.2f} s/epoch) | {c['seconds']:.1f} | "
-                f"{100 * c['accuracy']:.2f}% |"
-            )
+        label = f"EigenPro3, `compiled=True` (setup {cc['setup_s']:.1f} s incl. torch.compile), "
+        lines += _curve_rows(cc, label)
     e2 = s.get("eigenpro2")
     if e2:
-        for c in e2["curve"]:
-            ep = e2["epoch_s"][c["epoch"] - 1]
-            lines.append(
-                f"| EigenPro3, EigenPro2 projection, epoch {c['epoch']} ({ep:.2f} s/epoch) | "
-                f"{c['seconds']:.1f} | {100 * c['accuracy']:.2f}% |"
-            )
+        lines += _curve_rows(e2, "EigenPro3, EigenPro2 projection, ")
     if ex:
         lines.append(
             f"| exact p-center solve (normal eq.) | {ex['seconds']:.1f} | "
