@@ -245,17 +245,6 @@ def robustness(max_epochs: int) -> dict[str, dict]:
     return out
 
 
-def ece(p: torch.Tensor, y: torch.Tensor, bins: int = 15) -> float:
-    conf, pred = p.max(1)
-    acc = (pred == y).float()
-    e = 0.0
-    for i in range(bins):
-        m = (conf > i / bins) & (conf <= (i + 1) / bins)
-        if m.any():
-            e += float(m.float().mean() * (acc[m].mean() - conf[m].mean()).abs())
-    return e
-
-
 # ----------------------------------------------------------- variational inference
 # Model selection on a validation split carved from the training split (never the test
 # split): 20% of the training examples (fixed permutation, seed 0) are held out; every
@@ -286,7 +275,7 @@ def _split_val() -> dict[str, torch.Tensor]:
 
 
 def _metrics(p_val, p_test, s) -> dict[str, float]:
-    return {"val_ece": ece(p_val, s["yv"]), "test_ece": ece(p_test, s["yt"]),
+    return {"val_ece": torchsso.expected_calibration_error(p_val, s["yv"]), "test_ece": torchsso.expected_calibration_error(p_test, s["yt"]),
             "test_acc": float((p_test.argmax(1) == s["yt"]).float().mean())}  # fmt: skip
 
 

@@ -19,17 +19,6 @@ import torchsso
 from optcore.data import load_sklearn
 
 
-def ece(p: torch.Tensor, y: torch.Tensor, bins: int = 15) -> float:
-    conf, pred = p.max(1)
-    acc = (pred == y).float()
-    total = 0.0
-    for i in range(bins):
-        m = (conf > i / bins) & (conf <= (i + 1) / bins)
-        if m.any():
-            total += float(m.float().mean() * (acc[m].mean() - conf[m].mean()).abs())
-    return total
-
-
 def mlp() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
@@ -69,7 +58,9 @@ def main(epochs: int = 35) -> None:
         p_adam = torch.softmax(adam_model(d.x_test), 1)
     for name, p in (("VOGN (20 samples)", p_vi), ("Adam", p_adam)):
         acc = float((p.argmax(1) == d.y_test).float().mean())
-        print(f"{name:18s} test accuracy {acc:.3f}  ECE {ece(p, d.y_test):.4f}")
+        print(
+            f"{name:18s} test accuracy {acc:.3f}  ECE {torchsso.expected_calibration_error(p, d.y_test):.4f}"
+        )
 
 
 if __name__ == "__main__":
