@@ -39,7 +39,12 @@ from optcore.data import load_sklearn
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = 0.01
-KFAC = dict(curv_type="Fisher", damping=1e-2, ema_decay=0.1, lr=0.01, kl_clip=1e-3)
+# the benchmark's K-FAC setting; kl_clip and damping_split are left to the library's defaults
+# (kl_clip 1e-3, damping_split "sqrt") unless a row names them
+KFAC = dict(curv_type="Fisher", damping=1e-2, ema_decay=0.1, lr=0.01)
+# the robust settings considered as new library defaults (kept as opt-in; see the README)
+CANDIDATE = "torchsso K-FAC, every step, kl_clip 1e-4, damping_split tikhonov"
+CANDIDATE_KW: dict = dict(kl_clip=1e-4, damping_split="tikhonov")
 
 try:  # the peer (bench dependency group); optional
     import asdl
@@ -102,14 +107,19 @@ def asdl_step(model: nn.Module, lr: float, damping: float, interval: int, mom: f
 
 def kfac(model: nn.Module, *, interval: int = 1, lr: float | None = None,
          damping: float | None = None, kl_clip: float | None = None,
-         inverse_method: str = "cholesky", damping_split: str = "sqrt", **kw) -> Step:  # fmt: skip
+         inverse_method: str = "cholesky", damping_split: str | None = None, **kw) -> Step:  # fmt: skip
+    """torchsso K-FAC; ``kl_clip`` / ``damping_split`` left out (None) take the library's
+    defaults."""
     c = dict(KFAC)
+    ck = {"damping": c["damping"] if damping is None else damping, "ema_decay": c["ema_decay"],
+          "inverse_method": inverse_method}  # fmt: skip
+    if damping_split is not None:
+        ck["damping_split"] = damping_split
+    if kl_clip is not None:
+        kw["kl_clip"] = kl_clip
     opt = torchsso.SecondOrderOptimizer(
-        model, c["curv_type"], {"Linear": "Kron"},
-        {"damping": c["damping"] if damping is None else damping, "ema_decay": c["ema_decay"],
-         "inverse_method": inverse_method, "damping_split": damping_split},
-        lr=c["lr"] if lr is None else lr, momentum=0.9, curv_interval=interval,
-        kl_clip=c["kl_clip"] if kl_clip is None else kl_clip, **kw,
+        model, c["curv_type"], {"Linear": "Kron"}, ck,
+        lr=c["lr"] if lr is None else lr, momentum=0.9, curv_interval=interval, **kw,
     )  # fmt: skip
     return sso_step(model, opt)
 
@@ -128,6 +138,7 @@ def methods(lr_sgd=0.1, lr_adam=1e-3) -> dict[str, Callable[[nn.Module], Step]]:
         ),
         "Adam": lambda m: torch_step(m, torch.optim.Adam(m.parameters(), lr=lr_adam)),
         "torchsso K-FAC, every step": lambda m: kfac(m),
+        CANDIDATE: lambda m: kfac(m, **CANDIDATE_KW),
         "torchsso K-FAC, every 10 steps": lambda m: kfac(m, interval=10, kl_clip=1e-4),
         ROBUST: lambda m: kfac(m, **ROBUST_KW),
     }
@@ -217,17 +228,15 @@ def epochs_to_target(max_epochs: int) -> dict[str, dict]:
 def robustness(max_epochs: int) -> dict[str, dict]:
     grid = [1e-3, 1e-2, 1e-1]
     runs: dict[str, Callable[[float, float], Callable[[nn.Module], Step]]] = {
-        "torchsso K-FAC, every step (kl_clip 1e-3)": lambda lr, dmp: (
-            lambda m: kfac(m, lr=lr, damping=dmp)
+        "torchsso K-FAC, every step (library defaults: kl_clip 1e-3, damping_split sqrt)": (
+            lambda lr, dmp: lambda m: kfac(m, lr=lr, damping=dmp)
         ),
         "torchsso K-FAC, every step, kl_clip 1e-4": lambda lr, dmp: (
             lambda m: kfac(m, lr=lr, damping=dmp, kl_clip=1e-4)
         ),
         # the same Cholesky path with the factored damping split so that it adds exactly
         # the Tikhonov damping at the factors' mean eigenvalues (less over-damping)
-        "torchsso K-FAC, every step, kl_clip 1e-4, damping_split tikhonov": lambda lr, dmp: (
-            lambda m: kfac(m, lr=lr, damping=dmp, kl_clip=1e-4, damping_split="tikhonov")
-        ),
+        CANDIDATE: lambda lr, dmp: lambda m: kfac(m, lr=lr, damping=dmp, **CANDIDATE_KW),
         ROBUST + " (kl_clip 1e-4)": lambda lr, dmp: (
             lambda m: kfac(m, lr=lr, damping=dmp, **ROBUST_KW)
         ),
@@ -443,10 +452,12 @@ def targets(res: dict) -> str:
         f"- K-FAC every step: {t[every]['ratio_cpu_median']:.2f}x SGD (CPU median; "
         f"wall median {t[every]['ratio_wall_median']:.2f}x); target <= 6x: "
         f"{ok(t[every]['ratio_cpu_median'] <= 6)}",
+        f"- {CANDIDATE}: {t[CANDIDATE]['ratio_cpu_median']:.2f}x SGD (CPU median); target <= 6x: "
+        f"{ok(t[CANDIDATE]['ratio_cpu_median'] <= 6)}",
         f"- K-FAC every 10 steps: {t[ten]['ratio_cpu_median']:.2f}x SGD (CPU median; mean "
         f"{t[ten]['ratio_cpu_mean']:.2f}x); target <= 2.5x: {ok(t[ten]['ratio_cpu_median'] <= 2.5)}",
     ]
-    for k in (every, ten, ROBUST):
+    for k in (every, ten, CANDIDATE, ROBUST):
         ep, sk = e[k]["epochs"], e[k]["seconds"]
         good = ep is not None and ep <= 4 and adam is not None and sk < adam
         lines.append(
