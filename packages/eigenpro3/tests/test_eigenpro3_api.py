@@ -66,13 +66,17 @@ def test_fit_batch_equals_fit_epoch_on_same_batches() -> None:
     batches = [(X[i : i + 80], Y[i : i + 80]) for i in range(0, 240, 80)]
     for xb, yb in batches:
         a.fit_batch(xb, yb)
+    before = a.weights
+    assert a.correction is not None  # on by default here: fit_epoch ends with it
+    a.correct([batches])
+    assert not torch.allclose(before, a.weights)
     b.fit_epoch([batches])
     torch.testing.assert_close(a.weights, b.weights)
     # integer labels are one-hot encoded
     c = _model(X, labels, projection="every")
     for i in range(0, 240, 80):
         c.fit_batch(X[i : i + 80], labels[i : i + 80])
-    torch.testing.assert_close(a.weights, c.weights)
+    torch.testing.assert_close(before, c.weights)
 
 
 def test_delayed_predict_includes_pending_temporaries() -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from itertools import chain
 from typing import Any
 
 import torch
@@ -45,6 +46,7 @@ from eigenpro3.blocks import (
     rows_for_budget,
 )
 from eigenpro3.checkpoint import Checkpointing
+from eigenpro3.correction import HessianCorrection, covers_centers, match_rows
 from eigenpro3.datasets import batch_loader
 from eigenpro3.kernels import KernelFn, get_kernel
 from eigenpro3.preconditioner import build_nystrom, preconditioned_top_eigenvalue
@@ -92,6 +94,15 @@ class KernelModel(TrainingLoops, Checkpointing):
             factorization at construction, then exact triangular solves (see
             :mod:`eigenpro3.projection`).
         cache: cache ``K(Z, Z)``: ``"auto"`` (when it fits half the budget), ``True``, ``False``.
+        correction: after every epoch of :meth:`fit_epoch` / :meth:`fit`, one pass over
+            the data for the full gradient and one step along it preconditioned by
+            an estimate of the p-center least-squares Hessian (exact on the training
+            rows that are centers, sampled on the others), with a line search (see
+            :mod:`eigenpro3.correction`; the fixed point is unchanged). ``"auto"``
+            (default): on when ``X`` is given, the inner solver is Cholesky,
+            ``p <= 8192``, a float64 ``p x p`` factor fits the budget and the
+            training rows equal to centers plus ``correction_sample`` reach ``p``.
+        correction_sample: rows sampled for the non-center part of the estimate.
         seed: seed of the Nystrom subsample, the loaders and the inner batch order.
         verbose: show tqdm progress bars.
         **kernel_kwargs: arguments bound to a named kernel (``bandwidth``, ``depth``).
@@ -122,6 +133,8 @@ class KernelModel(TrainingLoops, Checkpointing):
         inner_decrease: float = 0.0,
         inner_solver: str = "auto",
         cache: bool | str = "auto",
+        correction: bool | str = "auto",
+        correction_sample: int = 2000,
         seed: int = 0,
         verbose: bool = True,
         **kernel_kwargs: float,
@@ -157,6 +170,10 @@ class KernelModel(TrainingLoops, Checkpointing):
             raise ValueError(
                 f"inner_solver must be 'auto', 'eigenpro2' or 'cholesky', got {inner_solver!r}"
             )
+        if correction not in ("auto", True, False):
+            raise ValueError(f"correction must be 'auto', True or False, got {correction!r}")
+        if correction_sample < 1:
+            raise ValueError(f"correction_sample must be >= 1, got {correction_sample}")
         self.verbose = verbose
         self.seed = seed
         self.world_size, self.rank = get_world_size(), get_rank()
@@ -194,6 +211,25 @@ class KernelModel(TrainingLoops, Checkpointing):
         factor_budget = budget
         if inner_solver == "cholesky":
             budget -= p * p * itemsize
+        want = correction is True or (
+            correction == "auto" and self.X is not None and inner_solver == "cholesky"
+        )
+        match = None
+        if correction == "auto" and want:
+            want = p <= 8192 and 3 * 8 * p * p <= budget
+            if want:
+                assert self.X is not None
+                match = match_rows(self.X, centers)
+                want = covers_centers(match, p, correction_sample)
+        if want:
+            if self.X is None:
+                raise ValueError("correction=True needs X and y passed to KernelModel")
+            if not use_cache or len(self.devices) != 1:
+                raise ValueError(
+                    "correction=True needs the cached K(Z, Z) on one device "
+                    "(cache=True, a single entry in devices)"
+                )
+            budget -= 8 * p * p
         rows_for_budget(p, itemsize, budget)  # raises when not even one row fits
         self._budget = budget
         self._gen = torch.Generator().manual_seed(seed)
@@ -216,6 +252,17 @@ class KernelModel(TrainingLoops, Checkpointing):
         )
         if self.X is not None:
             self._measure_spectrum(self.X)
+        self.correction: HessianCorrection | None = None
+        if want:
+            assert self.X is not None
+            self.correction = HessianCorrection(
+                self.centers,
+                self.X.to(self.main),
+                sample=correction_sample,
+                ridge=self.ridge,
+                generator=self._gen,
+                match=match,
+            )
         self.theta = torch.zeros(p, c, dtype=self.dtype, device=self.main)
         self.u = torch.zeros_like(self.theta)
         self.d_s = torch.zeros(len(self.nystrom.idx), c, dtype=self.dtype, device=self.main)
@@ -335,6 +382,65 @@ class KernelModel(TrainingLoops, Checkpointing):
         self._temps_x.clear()
         self._temps_a.clear()
         self._since_solve = 0
+
+    @torch.no_grad()
+    def correct(self, train_loaders: Any) -> dict[str, float] | None:
+        """The model-space correction step after an epoch (no-op when it is off).
+
+        One pass over ``train_loaders`` for the full gradient at the current
+        model, then ``alpha <- alpha - t M^{-1} g`` (see :mod:`eigenpro3.correction`).
+        Returns the step lengths and the mean squared error before the step.
+        """
+        corr = self.correction
+        if corr is None:
+            return None
+        if corr.ridge != self.ridge:  # changed by load_state_dict
+            corr = self.correction = HessianCorrection(
+                self.centers, corr.X, sample=corr.sample_size, ridge=self.ridge, generator=self._gen
+            )
+        self.flush()
+        loaders = (
+            list(train_loaders) if isinstance(train_loaders, (list, tuple)) else [train_loaders]
+        )
+        alpha = self.weights
+        grad = torch.zeros_like(alpha)
+        stats = [0.0, 0.0]  # rows, squared error
+        for batch in chain.from_iterable(loaders):
+            x = self._check_x(batch[0])
+            y2 = targets_2d(batch[1], len(x), "y", dtype=self.dtype, n_outputs=self.n_outputs)
+            y2 = y2.to(self.main)
+            if len(x) == 0:
+                continue
+
+            def residual(pred: Tensor, sl: slice, y2: Tensor = y2) -> Tensor:
+                pred -= y2[sl]
+                stats[1] += float(pred.pow(2).sum())
+                return pred
+
+            grad += self.centers.residual_step(x, alpha, residual)
+            stats[0] += len(x)
+        if self.world_size > 1:
+            flat = torch.cat([grad.flatten().double().cpu(), torch.tensor(stats).double()])
+            dist.all_reduce(flat)
+            grad = flat[:-2].reshape(grad.shape).to(self.main, self.dtype)
+            stats = [float(flat[-2]), float(flat[-1])]
+        rows = round(stats[0])
+        if rows == 0:
+            return None
+        kzz = self._kzz_matmul
+        if self.ridge > 0:
+            grad += (rows * self.ridge) * kzz(alpha)
+        d, t = corr.step(grad, rows, kzz)
+        d.mul_(t)
+        self.theta.sub_(d)
+        self.u.sub_(kzz(d))
+        return {
+            "step": float(t.mean()),
+            "mse_before": stats[1] / (rows * self.n_outputs),
+        }
+
+    def _kzz_matmul(self, w: Tensor) -> Tensor:
+        return self.projector.kzz_matmul(w, max(1, self.centers._rows()))
 
     def flush(self) -> None:
         """Project pending temporary centers (no-op when there are none)."""

@@ -39,6 +39,7 @@ class TrainingLoops:
     fit_batch: Callable[[Tensor, Tensor], float]
     predict: Callable[[Tensor], Tensor]
     flush: Callable[[], None]
+    correct: Callable[[Any], Any]
 
     @property
     def train_loaders(self) -> list[Any]:  # pragma: no cover - provided by the model
@@ -54,6 +55,9 @@ class TrainingLoops:
 
     def fit_epoch(self, train_loaders: Any, *, epoch: int | None = None) -> float:
         """One pass over ``train_loaders`` (a loader or a list), projecting at the end.
+
+        When the model's ``correction`` is on, a second pass computes the full
+        gradient for the model-space correction step (:meth:`KernelModel.correct`).
 
         Returns:
             The mean squared training error met during the epoch (before each step).
@@ -82,6 +86,7 @@ class TrainingLoops:
             bar.set_postfix(loss=f"{loss:.4g}")
         bar.close()
         self.flush()
+        self.correct(loaders)
         return total / max(count, 1)
 
     def fit(
