@@ -214,9 +214,15 @@ def test_cached_preconditioner_equals_q_transpose_q() -> None:
     for _ in range(5):
         p.grad = torch.randn(5, 4)
         opt.step()
-    stored = opt.state[p]["Q0"]
+    # after update steps the state holds the triangular Q_i (P_i is formed lazily) ...
+    q = opt.state[p]["Q0"].clone()
+    assert torch.equal(q, torch.triu(q)) and bool(torch.all(q.diagonal() > 0))
+    # ... and the state dict (as any non-update step) holds P_i = Q_i^T Q_i
+    stored = opt.state_dict()["state"][0]["Q0"]
+    assert torch.allclose(stored, q.mT @ q, rtol=1e-6, atol=1e-7)
     assert torch.allclose(stored, stored.mT)  # P is symmetric
     assert bool(torch.all(torch.linalg.eigvalsh(stored) > 0))
+    torch.testing.assert_close(torch.linalg.cholesky(stored, upper=True), q)
 
 
 def test_non_update_step_applies_p_with_two_products() -> None:
@@ -417,3 +423,118 @@ def test_finite_gradient_whose_sum_overflows_is_not_skipped() -> None:
         p.grad = torch.full((4, 4), 3e38)
         opt.step()  # non-update path
     assert int(opt.state[p]["step"]) == 2
+
+
+def _stack_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    layers: list[torch.nn.Module] = []
+    for _ in range(4):
+        layers += [torch.nn.Linear(12, 12), torch.nn.Tanh()]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(12, 3))
+
+
+def _train_stack(opt: torch.optim.Optimizer, model: torch.nn.Module, steps: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(32, 12, generator=gen)
+        opt.zero_grad()
+        ((model(x)[:, :3] - torch.sin(x[:, :3])) ** 2).mean().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("geometry", ["EQ", "QEQ", "QUAD"])
+def test_same_shaped_parameters_batched_match_unbatched(geometry: str) -> None:
+    """Equal-shaped layers are applied with one bmm; the result matches the per-parameter loop."""
+    runs = []
+    for batch in (True, False):
+        model = _stack_model()
+        opt = psgd.Kron(
+            model.parameters(),
+            lr=0.02,
+            weight_decay=0.01,
+            preconditioner_update_probability=0.3,
+            geometry=geometry,
+            batch_same_shape=batch,
+        )
+        _train_stack(opt, model, 30, seed=3)
+        if batch:  # the four 12x12 weights and the four biases form two batches
+            batches = {id(e.batch) for e in opt._plan if e.batch is not None}
+            assert len(batches) == 2
+            weights = [opt.state[m.weight]["momentum_buffer"] for m in list(model)[:8:2]]
+            assert weights[0]._base is not None and weights[0]._base.shape == (4, 12, 12)
+        runs.append((model, opt))
+    (ma, oa), (mb, ob) = runs
+    for a, b in zip(ma.parameters(), mb.parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    sa, sb = oa.state_dict()["state"], ob.state_dict()["state"]
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert sa[key].keys() == sb[key].keys()
+        for name in sa[key]:
+            assert sa[key][name].shape == sb[key][name].shape, name
+            assert torch.allclose(sa[key][name], sb[key][name], rtol=1e-4, atol=1e-6), name
+
+
+def test_batched_state_round_trip_is_bit_identical() -> None:
+    model = _stack_model()
+    opt = psgd.Kron(model.parameters(), lr=0.02, preconditioner_update_probability=0.3)
+    _train_stack(opt, model, 12, seed=1)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    _train_stack(opt, model, 15, seed=2)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    model2 = _stack_model(seed=7)
+    model2.load_state_dict(saved["model"])
+    opt2 = psgd.Kron(model2.parameters(), lr=0.02, preconditioner_update_probability=0.3)
+    opt2.load_state_dict(saved["opt"])
+    _train_stack(opt2, model2, 15, seed=2)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    # one stacked buffer per batch: the state holds as many bytes as unbatched
+    storages = {
+        v.untyped_storage().data_ptr(): v.untyped_storage().nbytes()
+        for st in opt.state.values()
+        for v in st.values()
+    }
+    plain = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values())
+    assert sum(storages.values()) == plain
+
+
+def test_batch_switch_is_checked() -> None:
+    with pytest.raises(TypeError, match="batch_same_shape"):
+        psgd.Kron([torch.nn.Parameter(torch.ones(2))], batch_same_shape=1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("blocks", [False, True])
+def test_lazy_p_refresh_matches_eager(blocks: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keeping Q_i after update steps (P_i formed only when needed) == forming P_i every time."""
+    if blocks:  # block products at these small sizes too
+        import psgd._linalg as L
+
+        monkeypatch.setattr(L, "_BLOCK", 3)
+    runs = []
+    for lazy in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(6, 17), torch.nn.Tanh(), torch.nn.Linear(17, 2)
+        ).double()
+        opt = psgd.Kron(model.parameters(), lr=0.02, preconditioner_update_probability=1.0)
+        opt._lazy_p = lazy
+        gen = torch.Generator().manual_seed(4)
+        for t in range(40):
+            if t in (20, 36):  # updates, then both kinds of step, then updates again
+                opt.param_groups[0]["preconditioner_update_probability"] = 0.4 if t == 20 else 1.0
+            x = torch.randn(16, 6, generator=gen, dtype=torch.float64)
+            opt.zero_grad()
+            ((model(x) - torch.sin(x[:, :2])) ** 2).mean().backward()
+            opt.step()
+        if lazy:
+            assert opt._q_form  # the last step was an update: Q_i kept
+        runs.append((model, opt.state_dict()))
+    (ma, sa), (mb, sb) = runs
+    for a, b in zip(ma.parameters(), mb.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for key, st in sa["state"].items():
+        for name, value in st.items():
+            torch.testing.assert_close(value, sb["state"][key][name], rtol=1e-9, atol=1e-11)

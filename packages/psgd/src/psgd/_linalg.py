@@ -18,7 +18,9 @@ __all__ = [
     "solve_upper_h_along",
     "triu_addmm_",
     "triu_left_mm",
+    "triu_right_mm",
     "triu_right_mm_t",
+    "triu_t_left_mm",
     "unfold_gram",
 ]
 
@@ -246,3 +248,35 @@ def _triu_left_acc(out: Tensor, q: Tensor, x: Tensor) -> None:
     _triu_left_acc(out[:h], q[:h, :h], x[:h])
     out[:h].addmm_(q[:h, h:], x[h:])
     _triu_left_acc(out[h:], q[h:, h:], x[h:])
+
+
+def triu_t_left_mm(q: Tensor, x: Tensor) -> Tensor:
+    """``q^H @ x`` for an upper-triangular ``q`` (``(n, n)^H @ (n, m)``), zero blocks skipped."""
+    n = q.shape[0]
+    if n < 2 * _BLOCK:
+        return q.mH @ x
+    out = torch.zeros(n, x.shape[1], dtype=torch.promote_types(q.dtype, x.dtype), device=x.device)
+    _tril_left_acc(out, q.mH, x)
+    return out
+
+
+def triu_right_mm(x: Tensor, u: Tensor) -> Tensor:
+    """``x @ u`` for an upper-triangular ``u`` (``(m, n) @ (n, n)``), zero blocks skipped."""
+    n = u.shape[0]
+    if n < 2 * _BLOCK:
+        return x @ u
+    out = torch.zeros(x.shape[0], n, dtype=torch.promote_types(u.dtype, x.dtype), device=x.device)
+    _tril_left_acc(out.mT, u.mT, x.mT)  # (x u)^T = u^T x^T, u^T lower-triangular
+    return out
+
+
+def _tril_left_acc(out: Tensor, low: Tensor, x: Tensor) -> None:
+    """``out += low @ x`` for a lower-triangular ``low``, zero blocks skipped."""
+    n = low.shape[0]
+    if n < 2 * _BLOCK:
+        out.addmm_(low, x)
+        return
+    h = n // 2
+    _tril_left_acc(out[:h], low[:h, :h], x[:h])
+    out[h:].addmm_(low[h:, :h], x[:h])
+    _tril_left_acc(out[h:], low[h:, h:], x[h:])

@@ -41,7 +41,9 @@ from ._linalg import (
     solve_upper_h_along,
     triu_addmm_,
     triu_left_mm,
+    triu_right_mm,
     triu_right_mm_t,
+    triu_t_left_mm,
     unfold_gram,
 )
 
@@ -53,7 +55,10 @@ __all__ = [
     "init_factors",
     "merged_shape",
     "precondition",
+    "precondition_batched",
+    "precondition_triangular",
     "preconditioner_matrices",
+    "refresh_p",
     "update_factors",
 ]
 
@@ -208,6 +213,56 @@ def precondition(g: Tensor, mats: Sequence[Tensor]) -> Tensor:
     return out
 
 
+def precondition_triangular(g: Tensor, qs: Sequence[Tensor]) -> Tensor:
+    """``P g`` from the upper-triangular factors ``Q_i`` themselves (``P_i = Q_i^H Q_i``).
+
+    Used on update steps of ``"EQ"``, where the fresh ``Q_i`` is at hand and ``P_i`` is
+    not formed: ``g`` is multiplied along each dimension by ``Q_i`` and then by
+    ``Q_i^H`` (triangular products, zero blocks skipped). 1-D ``q`` are diagonal
+    factors (``P_i = |q|^2``).
+    """
+    if g.dim() == 2 and qs[0].dim() == 2 and qs[1].dim() == 2:
+        q1, q2 = qs
+        x = triu_t_left_mm(q1, triu_left_mm(q1, g))  # P_1 g
+        return triu_right_mm(triu_right_mm_t(x, q2), q2.conj())  # (x Q_2^T) conj(Q_2) = x P_2^T
+    out = g
+    for i, q in enumerate(qs):
+        if q.dim() < 2:
+            out = apply_along((q * q.conj()).real.to(q.dtype) if q.is_complex() else q * q, out, i)
+        else:
+            out = apply_along(q.mH, apply_along(q, out, i), i)
+    return out
+
+
+def refresh_p(qs: Sequence[Tensor]) -> None:
+    """In place: each stored upper-triangular ``Q_i`` (dense, ``"EQ"``) becomes ``P_i = Q_i^H Q_i``."""
+    for q in qs:
+        if q.dim() == 2:
+            wide = torch.promote_types(q.dtype, torch.float32)
+            _gram_into(q, q.to(wide, copy=True), triangular=True)
+
+
+def precondition_batched(g: Tensor, mats: Sequence[Tensor]) -> Tensor:
+    """:func:`precondition` of ``N`` same-shaped tensors at once.
+
+    Args:
+        g: ``(N, n)`` or ``(N, n_1, n_2)``: the stacked 1-D or 2-D (working-shape) tensors.
+        mats: per dimension, the stacked ``P_i``: ``(N, n_i, n_i)`` for dense factors
+            (batched products, ``torch.bmm``) or ``(N, n_i)`` for diagonal ones.
+
+    Returns:
+        The stacked ``P g`` (``g``'s shape).
+    """
+    if g.dim() == 2:
+        m = mats[0]
+        return torch.bmm(m, g.unsqueeze(2)).squeeze(2) if m.dim() == 3 else g * m
+    if g.dim() != 3:
+        raise ValueError(f"g must be (N, n) or (N, n1, n2), got shape {tuple(g.shape)}")
+    a, b = mats
+    out = torch.bmm(a, g) if a.dim() == 3 else g * a.unsqueeze(2)
+    return torch.bmm(out, b.mT) if b.dim() == 3 else out * b.unsqueeze(1)
+
+
 def balance(qs: list[Tensor]) -> None:
     """Rescale factors (in place) to equal max-abs, keeping their product unchanged."""
     if len(qs) < 2:
@@ -247,6 +302,8 @@ def update_factors(
     beta_lip: float,
     do_balance: bool = False,
     pg: Tensor | None = None,
+    q_in: bool = False,
+    q_out: bool = False,
 ) -> None:
     """One fitting step of the factors (in place), with caches refreshed.
 
@@ -262,12 +319,17 @@ def update_factors(
         beta_lip: forgetting factor of ``L``.
         do_balance: rescale the factors to equal norms first.
         pg: ``P h`` when the caller already has it (matmul geometries, no balancing).
+        q_in: ``"EQ"`` only: the dense ``qs`` hold the triangular ``Q_i`` (not ``P_i``),
+            so no Cholesky factorisation is needed.
+        q_out: ``"EQ"`` only: store the new triangular ``Q_i`` (not ``P_i``) in ``qs``;
+            :func:`refresh_p` turns them into ``P_i`` when a ``P_i`` is needed.
     """
     if geometry == "EQ" and v is None:
         raise ValueError("geometry 'EQ' needs a probe vector v")
     wide = torch.promote_types(qs[0].dtype, torch.float32)
     work = [
-        _chol_upper(q.to(wide)) if (geometry == "EQ" and q.dim() == 2) else q.to(wide) for q in qs
+        _chol_upper(q.to(wide)) if (geometry == "EQ" and q.dim() == 2 and not q_in) else q.to(wide)
+        for q in qs
     ]
     if do_balance or geometry == "QEP":
         balance(work)
@@ -355,7 +417,7 @@ def update_factors(
                 new.sub_(x, alpha=s).sub_(x.mH, alpha=s)
                 work[i] = new
     for i, (q, new) in enumerate(zip(qs, work)):
-        if geometry == "EQ" and q.dim() == 2:
+        if geometry == "EQ" and q.dim() == 2 and not q_out:
             _gram_into(q, new, triangular=True)
         else:
             if new is not q:

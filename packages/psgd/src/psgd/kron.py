@@ -83,7 +83,17 @@ class Kron(PSGDBase):
             process group with more than one rank is initialised).
         compile: run the preconditioner application through ``torch.compile``
             (default False; nothing needs it, and the eager path is as fast on CPU).
+        batch_same_shape: on steps without a preconditioner update, apply the
+            preconditioners of parameters of one group with the same working shape,
+            dtypes and factor layout as one batched product (``torch.bmm`` on the
+            stacked ``P_i``). Their momentum buffers and stored ``P_i`` then live in
+            one stacked buffer each (the state keeps one tensor per parameter: views).
+            Default True; not with ``compile=True``.
     """
+
+    # "EQ": keep the triangular Q_i after an update step and form P_i only when a
+    # non-update step needs it (False: form P_i at every update; for tests)
+    _lazy_p = True
 
     def __init__(
         self,
@@ -108,6 +118,7 @@ class Kron(PSGDBase):
         clip_update_rms: float = 1.1,
         distributed: bool | None = None,
         compile: bool = False,
+        batch_same_shape: bool = True,
     ) -> None:
         check_positive("lr", lr, allow_zero=True)
         check_unit("b1", b1)
@@ -151,8 +162,16 @@ class Kron(PSGDBase):
         self._ownership = Ownership(distributed)
         self._plan: list[_Entry] | None = None
         self._fresh: list[Tensor] = []
+        # "EQ" parameters whose stored dense factors hold the triangular Q_i of the last
+        # update instead of P_i: P_i is formed only when a non-update step needs it
+        self._q_form: set[Tensor] = set()
         if not isinstance(compile, bool):
             raise TypeError(f"compile must be a bool, got {type(compile).__name__}")
+        if not isinstance(batch_same_shape, bool):
+            raise TypeError(
+                f"batch_same_shape must be a bool, got {type(batch_same_shape).__name__}"
+            )
+        self._batch = batch_same_shape and not compile
         # optional: the preconditioner application through torch.compile (never required)
         self._precondition: Callable[[Tensor, list[Tensor]], Tensor] = (
             torch.compile(F.precondition, dynamic=True) if compile else F.precondition
@@ -206,8 +225,31 @@ class Kron(PSGDBase):
         ls = [state.get(f"L{i}") for i in range(k)]
         return qs, ps, ls
 
+    def state_dict(self) -> dict[str, Any]:
+        """As :meth:`torch.optim.Optimizer.state_dict`; every stored ``"EQ"`` factor is ``P_i``.
+
+        Factors left as the triangular ``Q_i`` by update steps are turned into ``P_i``
+        first (in place), so a resumed run continues exactly as this one does.
+        """
+        self._refresh_all()
+        return super().state_dict()
+
+    def _refresh_all(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p in self._q_form:
+                    self._refresh(group, p)
+
+    def _refresh(self, group: dict[str, Any], p: Tensor) -> None:
+        """Stored triangular ``Q_i`` -> ``P_i = Q_i^H Q_i`` (in place) for one parameter."""
+        shape, _ = self._layout(group, p)
+        qs, _, _ = self._factors(self.state[p], len(shape))
+        F.refresh_p(qs)
+        self._q_form.discard(p)
+
     def _after_load(self) -> None:
         self._plan = None
+        self._q_form.clear()  # a loaded state holds P_i
         for group in self.param_groups:
             if group["geometry"] in ("EQ", "QUAD"):
                 continue  # the cache lives inside Q (EQ) or Q is P (QUAD)
@@ -276,6 +318,7 @@ class Kron(PSGDBase):
             v = self._randn_like(target, n_upd, index)
             noise = math.sqrt(_EPS32) * target.abs().mean() * v
             target = target.add_(noise) if fresh else target + noise
+            lazy = group["geometry"] == "EQ" and self._lazy_p
             F.update_factors(
                 qs,
                 ps,
@@ -286,6 +329,8 @@ class Kron(PSGDBase):
                 lr=group["precond_lr"],
                 beta_lip=group["precond_beta"],
                 do_balance=do_balance and p.dim() > 1,
+                q_in=lazy and p in self._q_form,
+                q_out=lazy,
             )
         if do_update and owners is not None:
             self._ownership.broadcast(
@@ -296,13 +341,20 @@ class Kron(PSGDBase):
                 self._layout,
                 select=lambda grp: not self._fused(grp),
             )
+        if do_update and self._lazy_p:  # every rank: fitted (or received) EQ factors are Q_i
+            self._q_form.update(p for group, p, _, _ in work if group["geometry"] == "EQ")
 
         for group, p, g, index in work:
             state = self.state[p]
             qs, ps, _ = self._factors(state, g.dim())
-            mats = F.preconditioner_matrices(qs, ps, group["geometry"])
             mom = state["momentum_buffer"]
-            pre = self._precondition(mom.to(qs[0].dtype), mats)
+            if p in self._q_form and not do_update:
+                self._refresh(group, p)  # a non-update step forms P_i (as the cached path)
+            if p in self._q_form:  # update step: apply from the fresh triangular Q_i
+                pre = F.precondition_triangular(mom.to(qs[0].dtype), qs)
+            else:
+                mats = F.preconditioner_matrices(qs, ps, group["geometry"])
+                pre = self._precondition(mom.to(qs[0].dtype), mats)
             # debias (1/bc) and clip the RMS in one scalar: s = min(1/bc, clip / rms(P m))
             inv_bc = 1.0 / (1 - group["b1"] ** int(state["step"]))
             rms = float(torch.linalg.vector_norm(pre)) / math.sqrt(pre.numel()) * inv_bc
@@ -351,6 +403,8 @@ class Kron(PSGDBase):
                         return None
                     fresh.append(p)  # no state yet: a gradient sends the step to the general path
                     continue
+                if p in self._q_form:
+                    self._refresh(group, p)
                 shape, _ = self._layout(group, p)
                 qs, ps, _ = self._factors(state, len(shape))
                 mats = F.preconditioner_matrices(qs, ps, group["geometry"])
@@ -359,6 +413,8 @@ class Kron(PSGDBase):
                     _Entry(group, i, p, state, mom, state["step"], int(state["step"]), mats, shape)
                 )
         self._fresh = fresh
+        if self._batch:
+            _batch_entries(plan)
         return plan
 
     def _plain_step(self) -> bool:
@@ -398,20 +454,33 @@ class Kron(PSGDBase):
             if not live:
                 return True
         torch._foreach_add_([e.step_t for e, _ in live], 1)
-        pres = []
-        for e, g in live:
+        singles, batches = _split_batches(live)
+        norms_t: list[Tensor] = []
+        order: list[tuple[_Entry, Tensor]] = []
+        for e, g in singles:
             e.step += 1
             mom = e.mom
             g = g.reshape(e.shape) if g.shape != e.shape else g
             mom.lerp_(g if g.dtype == mom.dtype else g.to(mom.dtype), 1 - e.group["b1"])
             mats = e.mats
-            pres.append(
-                self._precondition(
-                    mom if mom.dtype == mats[0].dtype else mom.to(mats[0].dtype), mats
-                )
+            pre = self._precondition(
+                mom if mom.dtype == mats[0].dtype else mom.to(mats[0].dtype), mats
             )
-        norms = torch.stack([torch.linalg.vector_norm(pre) for pre in pres]).tolist()
-        for (e, _), pre, nrm in zip(live, pres, norms):
+            order.append((e, pre))
+            norms_t.append(torch.linalg.vector_norm(pre).reshape(1))
+        for b, items in batches:
+            moms = []
+            for e, g in items:
+                e.step += 1
+                g = g.reshape(e.shape) if g.shape != e.shape else g
+                moms.append(g if g.dtype == b.mom.dtype else g.to(b.mom.dtype))
+            torch._foreach_lerp_([e.mom for e, _ in items], moms, 1 - items[0][0].group["b1"])
+            mom = b.mom if b.mom.dtype == b.mats[0].dtype else b.mom.to(b.mats[0].dtype)
+            pre = F.precondition_batched(mom, b.mats)
+            order.extend((e, pre[k]) for k, (e, _) in enumerate(items))
+            norms_t.append(torch.linalg.vector_norm(pre.reshape(len(items), -1), dim=1))
+        norms = torch.cat(norms_t).tolist()
+        for (e, pre), nrm in zip(order, norms):
             group, p = e.group, e.p
             inv_bc = 1.0 / (1 - group["b1"] ** e.step)
             rms = nrm / math.sqrt(pre.numel()) * inv_bc
@@ -436,7 +505,18 @@ class Kron(PSGDBase):
 class _Entry:
     """Cached per-parameter metadata of a non-update step."""
 
-    __slots__ = ("group", "index", "mats", "mom", "p", "shape", "state", "step", "step_t")
+    __slots__ = (
+        "batch",
+        "group",
+        "index",
+        "mats",
+        "mom",
+        "p",
+        "shape",
+        "state",
+        "step",
+        "step_t",
+    )
 
     def __init__(
         self,
@@ -452,6 +532,120 @@ class _Entry:
     ) -> None:
         self.group, self.index, self.p, self.state = group, index, p, state
         self.mom, self.step_t, self.step, self.mats, self.shape = mom, step_t, step, mats, shape
+        self.batch: _Batch | None = None
+
+
+class _Batch:
+    """Same-shaped parameters of one group whose preconditioners are applied as one ``bmm``.
+
+    ``mom`` and ``mats`` are ``(N, ...)`` stacks; each member's momentum buffer (and each
+    stored ``P_i``) is a view into them, so they stay current without copies.
+    """
+
+    __slots__ = ("mats", "members", "mom")
+
+    def __init__(self, members: list[_Entry], mom: Tensor, mats: list[Tensor]) -> None:
+        self.members, self.mom, self.mats = members, mom, mats
+
+
+def _stacked_views(tensors: list[Tensor]) -> Tensor | None:
+    """The ``(N, ...)`` buffer whose ``k``-th slice is ``tensors[k]`` (None if they are not)."""
+    base = tensors[0]._base
+    if base is None or base.dim() != tensors[0].dim() + 1 or base.shape[0] != len(tensors):
+        return None
+    if not base.is_contiguous():
+        return None
+    step = base.stride(0) * base.element_size()
+    start = base.data_ptr()
+    for k, t in enumerate(tensors):
+        if t._base is not base or t.data_ptr() != start + k * step or t.shape != base.shape[1:]:
+            return None
+        if t.stride() != base.stride()[1:]:
+            return None
+    return base
+
+
+def _stack_state(entries: list[_Entry], tensors: list[Tensor], key: str | None) -> Tensor:
+    """Stack ``tensors`` (one per entry); with ``key``, the state entries become views of it."""
+    base = _stacked_views(tensors)
+    if base is not None:
+        return base
+    base = torch.stack(tensors)
+    if key is not None:
+        for k, e in enumerate(entries):
+            e.state[key] = base[k]
+    return base
+
+
+def _state_key(state: dict[str, Any], t: Tensor) -> str | None:
+    """The state key holding ``t`` itself (None: ``t`` is derived, e.g. a squared diagonal)."""
+    for key, value in state.items():
+        if value is t:
+            return key
+    return None
+
+
+def _batch_entries(plan: list[_Entry]) -> None:
+    """Group plan entries that can share one batched product; stack their buffers.
+
+    Entries batch together when they belong to one parameter group, have the same
+    working shape (1-D or 2-D), the same factor layout (dense/diagonal per dim), dtypes
+    and device.
+    """
+    buckets: dict[tuple[Any, ...], list[_Entry]] = {}
+    for e in plan:
+        if len(e.shape) > 2 or not e.mom.is_contiguous():
+            continue
+        key = (
+            id(e.group),
+            e.shape,
+            tuple((m.dim(), m.dtype) for m in e.mats),
+            e.mom.dtype,
+            e.p.dtype,
+            e.p.device,
+        )
+        buckets.setdefault(key, []).append(e)
+    for members in buckets.values():
+        if len(members) < 2:
+            continue
+        mom = _stack_state(members, [e.mom for e in members], "momentum_buffer")
+        mats = []
+        for i in range(len(members[0].mats)):
+            tensors = [e.mats[i] for e in members]
+            keys = [_state_key(e.state, t) for e, t in zip(members, tensors)]
+            name = keys[0] if all(k == keys[0] for k in keys) else None
+            if name is None or not all(t.is_contiguous() for t in tensors):
+                mats.append(torch.stack(tensors))  # derived (diagonal squares): a copy
+                continue
+            mats.append(_stack_state(members, tensors, name))
+        batch = _Batch(members, mom, mats)
+        for k, e in enumerate(members):
+            e.batch = batch
+            e.mom = mom[k]
+            e.mats = [m[k] for m in mats]
+
+
+def _split_batches(
+    live: list[tuple[_Entry, Tensor]],
+) -> tuple[list[tuple[_Entry, Tensor]], list[tuple[_Batch, list[tuple[_Entry, Tensor]]]]]:
+    """Live entries as singles and whole batches (a batch with a missing member runs singly)."""
+    singles: list[tuple[_Entry, Tensor]] = []
+    by_batch: dict[int, list[tuple[_Entry, Tensor]]] = {}
+    for item in live:
+        b = item[0].batch
+        if b is None:
+            singles.append(item)
+        else:
+            by_batch.setdefault(id(b), []).append(item)
+    batches = []
+    for items in by_batch.values():
+        b = items[0][0].batch
+        assert b is not None
+        if len(items) == len(b.members):
+            batches.append((b, items))
+        else:
+            singles.extend(items)
+    return singles, batches
 
 
 def _full(t: Tensor) -> Tensor:
