@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TARGET = 0.01
 # the benchmark's K-FAC setting; kl_clip and damping_split are left to the library's defaults
 # (kl_clip 1e-3, damping_split "sqrt") unless a row names them
-KFAC = dict(curv_type="Fisher", damping=1e-2, ema_decay=0.1, lr=0.01)
+KFAC: dict = dict(curv_type="Fisher", damping=1e-2, ema_decay=0.1, lr=0.01)
 # the robust settings considered as new library defaults (kept as opt-in; see the README)
 CANDIDATE = "torchsso K-FAC, every step, kl_clip 1e-4, damping_split tikhonov"
 CANDIDATE_KW: dict = dict(kl_clip=1e-4, damping_split="tikhonov")
@@ -292,7 +292,7 @@ def _fit(s, model: nn.Module, step: Step, epochs: int, seed: int, evaluate) -> l
     """Train ``epochs`` epochs on the sub-training split; ``evaluate()`` every 5 epochs."""
     g = torch.Generator().manual_seed(seed)
     n = len(s["x"])
-    out = []
+    out: list[dict] = []
     for ep in range(1, epochs + 1):
         perm = torch.randperm(n, generator=g)
         for i in range(0, n, 128):

@@ -97,7 +97,10 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             default ``None``: whenever the curvature was re-estimated.
         kl_clip: KL clipping (default ``1e-3``; ``None`` turns it off): the preconditioned
             gradient ``u`` is scaled, before momentum, so that ``lr^2 sum(u . grad) <= kl_clip``
-            (a bound on the step's predicted KL change; Ba et al., 2017).
+            (a bound on the step's predicted KL change; Ba et al., 2017). ``1e-4`` with
+            ``damping_split="tikhonov"`` is more robust to the choice of lr and damping but
+            slower at a well-chosen one (the package README has the measurements and why
+            they are not the defaults).
         max_update_ratio: if set, the step of each layer block is scaled down to at most
             this fraction of the block's weight norm (a trust ratio in the spirit of
             PyTorch-SSO's LARS options; trades some speed for robustness to lr / damping).
