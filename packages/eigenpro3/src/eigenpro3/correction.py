@@ -72,7 +72,7 @@ def match_rows(x: Tensor, z: Tensor, *, chunk: int = 65536) -> Tensor:
 
 
 class HessianCorrection:
-    """The Hessian estimate ``M`` (Cholesky-factored, float64) and the correction step.
+    """The Hessian estimate ``M`` (factored in float64, kept in the model dtype) and the step.
 
     Args:
         centers: the model centers with the cached ``K(Z, Z)`` (one device).
@@ -127,7 +127,10 @@ class HessianCorrection:
         del m
         if int(info) != 0:
             raise ValueError("kernel_fn: the Hessian estimate is not positive definite")
-        self.factor = factor
+        # solves in the model dtype: an inexact d only changes the (exact) line search's
+        # direction, never the fixed point
+        self.factor = factor.to(kzz.dtype)
+        del factor
 
     def curvature(self, d: Tensor, kzz_d: Tensor, rows: int = 4096) -> Tensor:
         """Estimate of ``sum_x (K(x, Z) d)^2`` per output (exact on the center rows)."""
@@ -154,13 +157,12 @@ class HessianCorrection:
         Returns:
             ``(d, t)``: the update is ``alpha <- alpha - d * t``.
         """
-        g = grad_sum.double() * (self.n / n_rows)  # same units as M
-        d64 = torch.cholesky_solve(g, self.factor)
-        d = d64.to(grad_sum.dtype)
+        g = grad_sum * (self.n / n_rows)  # same units as M
+        d = torch.cholesky_solve(g.to(self.factor.dtype), self.factor).to(grad_sum.dtype)
         kzz_d = kzz_matmul(d)
         q = self.curvature(d, kzz_d)
         if self.ridge > 0:
             q += self.n * self.ridge * (d * kzz_d).sum(0).double()
-        num = (g * d64).sum(0)
+        num = (g.double() * d.double()).sum(0)
         t = torch.where(q > 0, num / q.clamp(min=1e-300), torch.zeros_like(q)).clamp(0.0, 1.0)
         return d, t.to(grad_sum.dtype)

@@ -100,7 +100,8 @@ class KernelModel(TrainingLoops, Checkpointing):
             rows that are centers, sampled on the others), with a line search (see
             :mod:`eigenpro3.correction`; the fixed point is unchanged). ``"auto"``
             (default): on when ``X`` is given, the inner solver is Cholesky,
-            ``p <= 8192``, a float64 ``p x p`` factor fits the budget and the
+            ``p <= 8192``, its float64 factorization (``24 p^2`` bytes while it is
+            built, then one ``p x p`` factor in the model dtype) fits the budget and the
             training rows equal to centers plus ``correction_sample`` reach ``p``.
         correction_sample: rows sampled for the non-center part of the estimate.
         seed: seed of the Nystrom subsample, the loaders and the inner batch order.
@@ -229,7 +230,7 @@ class KernelModel(TrainingLoops, Checkpointing):
                     "correction=True needs the cached K(Z, Z) on one device "
                     "(cache=True, a single entry in devices)"
                 )
-            budget -= 8 * p * p
+            budget -= itemsize * p * p
         rows_for_budget(p, itemsize, budget)  # raises when not even one row fits
         self._budget = budget
         self._gen = torch.Generator().manual_seed(seed)
