@@ -123,7 +123,15 @@ def test_probabilistic_differs_from_deterministic_and_is_seeded():
     assert runs[1] != runs[3]
 
 
-def test_float32_vmap_dict_matches_float64_reference():
+@pytest.mark.parametrize("layout", ["one_block", "large_blocks"])
+def test_float32_vmap_dict_matches_float64_reference(monkeypatch, layout):
+    """float32 gradients; ``large_blocks``: each tensor its own block, the products with
+    the stored vectors through oneDNN where torch has it."""
+    from grabsampler import _bank, _rows
+
+    if layout == "large_blocks":
+        monkeypatch.setattr(_bank, "SMALL_COLS", 0)
+        monkeypatch.setattr(_rows, "ONEDNN_COLS", 1)
     n, batch, epochs = 40, 8, 3
     table = grad_table(epochs, n, seed=4)
     sampler = GraBSampler(range(n), make_params(torch.float32), "mean")
@@ -170,13 +178,23 @@ def test_irregular_batch_sizes_match_reference(kind):
     assert got == want
 
 
-@pytest.mark.parametrize("small_cols", [0, 4])
+@pytest.mark.parametrize("small_cols", [0, 4, "split"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("probabilistic", [False, True])
 def test_large_block_layouts_match_reference(monkeypatch, small_cols, kind, probabilistic):
-    """Tensors above ``SMALL_COLS`` get their own block and host-tracked stored products."""
-    from grabsampler import _bank
+    """Tensors above ``SMALL_COLS`` get their own block and host-tracked stored products.
 
+    ``"split"``: the blocks' products are split by columns over 4 threads (with a tail).
+    """
+    from grabsampler import _bank, _rows
+
+    if small_cols == "split":
+        monkeypatch.setattr(_rows, "SPLIT_COLS", 1)
+        old = torch.get_num_threads()
+        torch.set_num_threads(4)
+        small_cols = 0
+    else:
+        old = None
     monkeypatch.setattr(_bank, "SMALL_COLS", small_cols)
     n, batch, epochs = 23, 5, 4
     table = grad_table(epochs, n, seed=31)
@@ -184,7 +202,11 @@ def test_large_block_layouts_match_reference(monkeypatch, small_cols, kind, prob
         range(n), make_params(), kind, depth=3, seed=7, probabilistic=probabilistic, prob_c=2.0
     )
     assert sampler.bank.track and len(sampler.bank.groups) == (3 if small_cols == 0 else 2)
-    got = run_sampler(sampler, table, batch, epochs)
+    try:
+        got = run_sampler(sampler, table, batch, epochs)
+    finally:
+        if old is not None:
+            torch.set_num_threads(old)
     if probabilistic:
         gen = torch.Generator().manual_seed(7)
         assert got[0] == torch.randperm(n, generator=gen).tolist()

@@ -1,11 +1,12 @@
-"""Dense rows: the chunked in-place update of wide rows equals the plain product."""
+"""Dense rows: the chunked update and the column-split products equal the plain products."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from grabsampler._rows import CHUNK, DenseRows
+from grabsampler import _rows
+from grabsampler._rows import CHUNK, DenseRows, split_mm, stored_cross
 
 
 @pytest.mark.parametrize(
@@ -21,6 +22,51 @@ def test_combine_into_matches_product(n, pad):
     DenseRows(x).combine_into(out, w)
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(DenseRows(x).combine(w), w @ x)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(("n", "pad"), [(40, 0), (41, 3), (1000, 0)])
+def test_split_products_match_plain_products(monkeypatch, threads, n, pad):
+    """Wide rows: the reduction split into one column part per thread (plus a tail)."""
+    monkeypatch.setattr(_rows, "SPLIT_COLS", 8)
+    gen = torch.Generator().manual_seed(n + threads)
+    base = torch.randn(6, n + pad, generator=gen, dtype=torch.float64)
+    x = base[:, :n]  # rows with a stride larger than n when pad > 0
+    aux = torch.randn(2, n, generator=gen, dtype=torch.float64)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert _rows._split_parts(n) == (threads if threads > 1 and n >= 8 * threads else 1)
+        rows = DenseRows(x)
+        torch.testing.assert_close(rows.gram(), x @ x.T)
+        torch.testing.assert_close(rows.cross(aux), x @ aux.T)
+        torch.testing.assert_close(split_mm(aux, x), aux @ x.T)
+        # a transposed (column-strided) operand falls back to the plain product
+        torch.testing.assert_close(split_mm(x.T.contiguous().T, aux), x @ aux.T)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_stored_cross_matches_product_and_falls_back(monkeypatch):
+    """The oneDNN product with stored vectors (float32, wide rows) and its fallback."""
+    monkeypatch.setattr(_rows, "ONEDNN_COLS", 64)
+    available = _rows._ONEDNN[0] is not None
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(16, 300, generator=gen)
+    act = torch.randn(3, 300, generator=gen)
+    want = (act.double() @ x.double().T).float()
+    torch.testing.assert_close(stored_cross(act, x), want, rtol=1e-5, atol=1e-4)
+    assert (_rows._ONEDNN[0] is not None) == available  # used, not disabled
+    # float64, narrow or strided rows take the plain product
+    torch.testing.assert_close(stored_cross(act.double(), x.double()), act.double() @ x.double().T)
+    torch.testing.assert_close(stored_cross(act[:, :50], x[:, :50]), act[:, :50] @ x[:, :50].T)
+
+    def broken(*args):
+        raise RuntimeError("no oneDNN here")
+
+    monkeypatch.setattr(_rows, "_ONEDNN", [broken])
+    torch.testing.assert_close(stored_cross(act, x), want, rtol=1e-5, atol=1e-4)
+    assert _rows._ONEDNN[0] is None  # disabled after the failure
 
 
 def _state_equal(a, b):

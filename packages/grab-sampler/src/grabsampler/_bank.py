@@ -45,7 +45,7 @@ from operator import mul
 import torch
 from torch import Tensor
 
-from grabsampler._rows import DenseRows, Rows
+from grabsampler._rows import DenseRows, Rows, split_mm, stored_cross
 
 __all__ = ["ONE_PRODUCT_COLS", "SMALL_COLS", "AuxBank"]
 
@@ -339,8 +339,8 @@ class AuxBank:
                     act = act if act.dtype == x.dtype and act.device == x.device else act.to(x)
                     # two products are faster than one on [x; act] (B = 16 rows hit
                     # the BLAS kernels' sweet spot, B + 2 rows do not)
-                    gm = x @ x.T
-                    h = torch.mm(act, x.T) if ka else gm[:0]
+                    gm = split_mm(x, x)
+                    h = stored_cross(act, x) if ka else gm[:0]
                 else:
                     gm = r.gram()
                     h = r.cross(act).to(gm.dtype).T
