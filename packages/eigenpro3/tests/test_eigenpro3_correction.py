@@ -102,3 +102,47 @@ def test_auto_needs_centers_covered_and_bad_arguments() -> None:
         KernelModel(2, Z, "laplacian", bandwidth=2.0, correction=True, verbose=False)
     with pytest.raises(ValueError, match="correction=True needs the cached"):
         _model(X, y, Z, correction=True, cache=False)
+
+
+def test_variance_reduced_full_batch_step_equals_plain_step() -> None:
+    # one batch of all rows: K(Z, X)(f - f~) + n g~ = K(Z, X)(f - y) exactly
+    X, y, Z = _problem()
+    models = [
+        _model(X, y, Z, batch_size=len(X), variance_reduction=vr, projection="every")
+        for vr in (True, False)
+    ]
+    for model in models:
+        for _ in range(3):
+            model.fit_epoch(model.train_loaders)
+    assert models[0]._snapshot is not None and models[1]._snapshot is None
+    torch.testing.assert_close(models[0].weights, models[1].weights, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("projection", ["every", "delayed"])
+def test_variance_reduced_minibatches_converge_to_lstsq(projection: str) -> None:
+    # without the SGD noise floor, minibatch epochs reach the exact minimizer
+    X, y, Z = _problem()
+    exact = torch.linalg.lstsq(laplacian(X, Z, 2.0), y).solution
+    errs, models = {}, {}
+    for vr in (True, False):
+        models[vr] = model = _model(
+            X,
+            y,
+            Z,
+            batch_size=60,
+            correction_sample=40,
+            variance_reduction=vr,
+            projection=projection,
+            projection_interval=3,
+        )
+        for _ in range(12):
+            model.fit_epoch(model.train_loaders)
+        errs[vr] = float((model.weights - exact).norm() / exact.norm())
+    assert errs[True] < 1e-3, errs
+    assert errs[True] < 0.1 * errs[False], errs
+    # other loaders than the snapshot's: plain steps (the snapshot gradient is not theirs)
+    model = models[True]
+    model._begin_epoch(model.train_loaders)
+    assert model._vr_loaders is not None
+    model._begin_epoch([[(X, y)]])
+    assert model._vr_loaders is None

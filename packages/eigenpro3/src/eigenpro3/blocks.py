@@ -216,15 +216,18 @@ class CenterSet:
         x: Tensor,
         w: Tensor,
         residual_fn: Callable[[Tensor, slice], Tensor],
+        out_cols: int | None = None,
     ) -> Tensor:
         """Fused pass: ``r = residual_fn(K(x, Z) @ w, rows)``, return ``K(Z, x) @ r`` (p, c).
 
         ``residual_fn`` receives the predictions of a row chunk and the slice of
-        rows it covers and returns the residuals of that chunk. Each kernel block
-        is evaluated once and used for both products.
+        rows it covers and returns the residuals of that chunk (``out_cols``
+        columns, default those of ``w``). Each kernel block is evaluated once and
+        used for both products.
         """
         ws = self.split_t(w)
-        grads_t = [torch.zeros(wk.shape, dtype=w.dtype, device=wk.device) for wk in ws]
+        cols = w.shape[1] if out_cols is None else out_cols
+        grads_t = [torch.zeros(cols, wk.shape[1], dtype=w.dtype, device=wk.device) for wk in ws]
         rows = self._rows()
         for s in range(0, x.shape[0], rows):
             sl = slice(s, min(s + rows, x.shape[0]))

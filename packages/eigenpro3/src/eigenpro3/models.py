@@ -104,6 +104,11 @@ class KernelModel(TrainingLoops, Checkpointing):
             built, then one ``p x p`` factor in the model dtype) fits the budget and the
             training rows equal to centers plus ``correction_sample`` reach ``p``.
         correction_sample: rows sampled for the non-center part of the estimate.
+        variance_reduction: with the correction on, the next :meth:`fit_epoch` over the
+            same loaders uses its full gradient ``g~`` at the point ``alpha~`` before the
+            step as an SVRG snapshot (Johnson & Zhang 2013): the batch gradient becomes
+            ``K(Z, x) (f(x) - f~(x)) + m g~`` (unbiased, the same fixed point, no SGD
+            noise floor); one more ``c`` columns in each step's first product.
         seed: seed of the Nystrom subsample, the loaders and the inner batch order.
         verbose: show tqdm progress bars.
         **kernel_kwargs: arguments bound to a named kernel (``bandwidth``, ``depth``).
@@ -136,6 +141,7 @@ class KernelModel(TrainingLoops, Checkpointing):
         cache: bool | str = "auto",
         correction: bool | str = "auto",
         correction_sample: int = 2000,
+        variance_reduction: bool = True,
         seed: int = 0,
         verbose: bool = True,
         **kernel_kwargs: float,
@@ -176,6 +182,10 @@ class KernelModel(TrainingLoops, Checkpointing):
         if correction_sample < 1:
             raise ValueError(f"correction_sample must be >= 1, got {correction_sample}")
         self.verbose = verbose
+        self.variance_reduction = bool(variance_reduction)
+        # SVRG snapshot: (alpha~, mean gradient values g~ at Z, K(Z, Z)^{-1} g~, loaders)
+        self._snapshot: tuple[Tensor, Tensor, Tensor, list[Any]] | None = None
+        self._vr_loaders: list[Any] | None = None
         self.seed = seed
         self.world_size, self.rank = get_world_size(), get_rank()
         centers = centers.to(self.main, self.dtype)
@@ -431,6 +441,14 @@ class KernelModel(TrainingLoops, Checkpointing):
         kzz = self._kzz_matmul
         if self.ridge > 0:
             grad += (rows * self.ridge) * kzz(alpha)
+        if self.variance_reduction:
+            g_mean = grad / rows
+            if self.ridge > 0:
+                g_mean -= self.ridge * kzz(alpha)  # the data part only
+            theta_g = self.projector.solve(
+                torch.zeros_like(g_mean), g_mean, self.nystrom, self._k_zs, self.batch_size
+            )
+            self._snapshot = (alpha, g_mean, theta_g, loaders)
         d, t = corr.step(grad, rows, kzz)
         d.mul_(t)
         self.theta.sub_(d)
@@ -439,6 +457,17 @@ class KernelModel(TrainingLoops, Checkpointing):
             "step": float(t.mean()),
             "mse_before": stats[1] / (rows * self.n_outputs),
         }
+
+    def _begin_epoch(self, loaders: list[Any]) -> None:
+        """Use the SVRG snapshot in this epoch when it was taken over these loaders."""
+        snap = self._snapshot
+        same = snap is not None and len(snap[3]) == len(loaders)
+        if same and snap is not None:
+            same = all(a is b for a, b in zip(snap[3], loaders, strict=True))
+        self._vr_loaders = loaders if same and self.variance_reduction else None
+
+    def _end_epoch(self) -> None:
+        self._vr_loaders = None
 
     def _kzz_matmul(self, w: Tensor) -> Tensor:
         return self.projector.kzz_matmul(w, max(1, self.centers._rows()))
@@ -489,7 +518,19 @@ class KernelModel(TrainingLoops, Checkpointing):
             return pred
 
         alpha = self.weights
-        if len(x):
+        snap = self._snapshot if self._vr_loaders is not None else None
+        c = self.n_outputs
+        if snap is not None and len(x):
+
+            def vr_residual(pred2: Tensor, sl: slice) -> Tensor:
+                r = residual(pred2[:, :c], sl)  # f(x) - y, loss recorded
+                r_vr = r + y2[sl] - pred2[:, c:]  # f(x) - f~(x)
+                chunks[-1] = r_vr  # temporary centers carry f - f~ (g~ lives at Z)
+                return r_vr
+
+            w = torch.cat([alpha, snap[0]], 1)
+            h = self.centers.residual_step(x, w, vr_residual, out_cols=c)
+        elif len(x):
             h = self.centers.residual_step(x, alpha, residual)
         else:
             h = torch.zeros_like(alpha)
@@ -502,6 +543,8 @@ class KernelModel(TrainingLoops, Checkpointing):
             m, sum_sq = round(float(flat[-2])), float(flat[-1])
         if m == 0:
             return float("nan")
+        if snap is not None:
+            h += m * snap[1]
         eta = self.nystrom.step_size(m)
         lam = self.ridge
         idx = self.nystrom.idx
@@ -512,6 +555,8 @@ class KernelModel(TrainingLoops, Checkpointing):
         self.u.mul_(shrink).add_(h, alpha=-eta / m)
         self.d_s.mul_(shrink).add_(self.nystrom.correction(g_s), alpha=eta)
         self.theta.mul_(shrink)
+        if snap is not None:
+            self.theta.sub_(snap[2], alpha=eta)
         t = self._interval(m)
         if t > 1:
             for a in self._temps_a:

@@ -40,6 +40,8 @@ class TrainingLoops:
     predict: Callable[[Tensor], Tensor]
     flush: Callable[[], None]
     correct: Callable[[Any], Any]
+    _begin_epoch: Callable[[list[Any]], None]
+    _end_epoch: Callable[[], None]
 
     @property
     def train_loaders(self) -> list[Any]:  # pragma: no cover - provided by the model
@@ -71,6 +73,7 @@ class TrainingLoops:
         show = self.verbose and self.rank == 0
         bar = tqdm(total=steps, desc=desc, disable=not show, leave=False)
         total, count = 0.0, 0
+        self._begin_epoch(loaders)
         for _ in range(steps):
             batch = next(it, None)
             if batch is None:
@@ -85,6 +88,7 @@ class TrainingLoops:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4g}")
         bar.close()
+        self._end_epoch()
         self.flush()
         self.correct(loaders)
         return total / max(count, 1)
