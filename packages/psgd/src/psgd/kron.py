@@ -39,7 +39,7 @@ except ImportError:  # pragma: no cover
 from . import factors as F
 from ._base import PSGDBase, check_nonneg, check_positive, check_unit, closure_loss
 from ._dist import Ownership
-from .schedule import advance, check_probability
+from .schedule import advance, check_probability, should_update
 
 __all__ = ["Kron"]
 
@@ -91,8 +91,8 @@ class Kron(PSGDBase):
             Default True; not with ``compile=True``.
     """
 
-    # "EQ": keep the triangular Q_i after an update step and form P_i only when a
-    # non-update step needs it (False: form P_i at every update; for tests)
+    # "EQ": after an update step followed by another update, keep the triangular Q_i and
+    # form P_i only when a non-update step needs it (False: form P_i at every update)
     _lazy_p = True
 
     def __init__(
@@ -269,9 +269,17 @@ class Kron(PSGDBase):
         """One optimization step; ``closure`` (optional) re-evaluates the model and returns the loss."""
         loss = closure_loss(closure)
         c = self._counters
-        do_update, n_upd = advance(c, self.param_groups[0]["preconditioner_update_probability"])
+        prob = self.param_groups[0]["preconditioner_update_probability"]
+        do_update, n_upd = advance(c, prob)
         if not do_update and self._plain_step():
             return loss
+        # "EQ": keep the fitted triangular Q_i (no P_i = Q_i^H Q_i, no Cholesky next time)
+        # when the next step is an update too (the counter decides it in advance)
+        keep_q = (
+            do_update
+            and self._lazy_p
+            and should_update(prob, int(c["prob_step"]), int(c["update_counter"]))[0]
+        )
         self._plan = None  # the general path may create or replace state: rebuild the plan
         do_balance = do_update and n_upd % 100 == 99
 
@@ -318,7 +326,7 @@ class Kron(PSGDBase):
             v = self._randn_like(target, n_upd, index)
             noise = math.sqrt(_EPS32) * target.abs().mean() * v
             target = target.add_(noise) if fresh else target + noise
-            lazy = group["geometry"] == "EQ" and self._lazy_p
+            lazy = group["geometry"] == "EQ"
             F.update_factors(
                 qs,
                 ps,
@@ -330,7 +338,7 @@ class Kron(PSGDBase):
                 beta_lip=group["precond_beta"],
                 do_balance=do_balance and p.dim() > 1,
                 q_in=lazy and p in self._q_form,
-                q_out=lazy,
+                q_out=lazy and keep_q,
             )
         if do_update and owners is not None:
             self._ownership.broadcast(
@@ -341,8 +349,12 @@ class Kron(PSGDBase):
                 self._layout,
                 select=lambda grp: not self._fused(grp),
             )
-        if do_update and self._lazy_p:  # every rank: fitted (or received) EQ factors are Q_i
-            self._q_form.update(p for group, p, _, _ in work if group["geometry"] == "EQ")
+        if do_update:  # every rank: the fitted (or received) EQ factors are Q_i or P_i
+            fitted = [p for group, p, _, _ in work if group["geometry"] == "EQ"]
+            if keep_q:
+                self._q_form.update(fitted)
+            else:
+                self._q_form.difference_update(fitted)
 
         for group, p, g, index in work:
             state = self.state[p]
