@@ -6,11 +6,14 @@ Laplacian bandwidth 5, p = 4000). Each configuration trains 3 epochs with
 relative distance of the test predictions to those of the exact p-center solve.
 ``avg`` = tail averaging: at the end of each epoch the model is replaced by the
 average of its iterates over the epoch's second half (Polyak-Ruppert style; an
-experiment here, not a model option).
+experiment here, not a model option). ``fit_batch`` loops run the plain iteration (no
+per-epoch correction); ``fit_epoch=True`` runs ``model.fit_epoch`` instead (defaults:
+with the correction and its SVRG snapshot).
 
 Usage::
 
     .venv/bin/python benchmarks/eigenpro3_accuracy_probe.py ["batch_size=128, avg=True" ...]
+    .venv/bin/python benchmarks/eigenpro3_accuracy_probe.py "fit_epoch=True"
 """
 
 from __future__ import annotations
@@ -41,12 +44,16 @@ def main(specs: list[str]) -> None:
     for spec in specs or [""]:
         kw = eval(f"dict({spec})")  # command-line experiment settings
         avg = bool(kw.pop("avg", False))
+        whole = bool(kw.pop("fit_epoch", False))  # model.fit_epoch (with its correction)
         model = KernelModel(10, Z, "laplacian", X=X, y=Y, bandwidth=BW, verbose=False, **kw)
         print(f"[{spec or 'defaults'}] batch {model.batch_size}", flush=True)
         gen = torch.Generator().manual_seed(5)
         for epoch in range(1, 4):
             batches = list(batch_loader(X, Y, model.batch_size, generator=gen))
             su, sd, k = torch.zeros_like(model.u), torch.zeros_like(model.d_s), 0
+            if whole:
+                model.fit_epoch(model.train_loaders)
+                batches = []
             for i, (xb, yb) in enumerate(batches):
                 model.fit_batch(xb, yb)
                 if avg and i >= len(batches) // 2:
