@@ -30,8 +30,13 @@ def _train(rank: int, world: int) -> dict:
     assert model.world_size == world
     (loader,) = model.train_loaders
     seen = torch.cat([xb for xb, _ in loader])
-    for _ in range(2):
-        model.fit_epoch([_batches(X, Y, rank, world)])
+    loaders = [_batches(X, Y, rank, world)]  # the same loaders: epoch 2 uses the snapshot
+    assert model.correction is not None
+    for epoch in range(2):
+        if epoch == 1:
+            model._begin_epoch(loaders)
+            assert model._vr_loaders is not None
+        model.fit_epoch(loaders)
     return {
         # plain lists: tensors would travel through shared memory of an exited child
         "weights": model.weights.tolist(),
