@@ -111,7 +111,9 @@ class PairBalance(Balancer):
         """The loop of :meth:`step` for greedy, unnormalized signs and no waiting example.
 
         The same arithmetic in the same order; the weights list grows with the
-        decided pairs (the products with the undecided rows were zeros).
+        decided pairs (the products with the undecided rows were zeros). With no
+        waiting example the stored ``cache`` vector is zero (a waiting example
+        is subtracted from it when it is paired), so an even batch changes only ``s``.
         """
         b = len(indices)
         sr = b + S
@@ -131,11 +133,14 @@ class PairBalance(Balancer):
                 signs += (-1, 1)
                 y += (-1.0, 1.0)
         self.place.put_many(ids, signs)
+        if not b % 2:
+            # the waiting-example vector is zero here and stays zero: update ``s`` only
+            # (one row: the update pass over wide gradients writes half as much)
+            return [S], [y], []
+        y.append(0.0)
         cache = [0.0] * b
-        if b % 2:
-            y.append(0.0)
-            cache[b - 1] = 1.0
-            self.cache_index = indices[b - 1]
+        cache[b - 1] = 1.0
+        self.cache_index = indices[b - 1]
         return [S, CACHE], [y, cache], []
 
     def end_epoch(self, unvisited: list[int]) -> tuple[list[int], Tensor]:
