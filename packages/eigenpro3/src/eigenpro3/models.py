@@ -25,6 +25,14 @@ batches since the last solve as temporary centers; solving every ``T`` batches
 cost is lower. Kernel blocks are evaluated in row chunks sized to a memory
 budget, so memory stays O(p (d + c + q)) plus one block (plus ``K(Z, Z)`` when
 it fits the budget and caching is on).
+
+After each epoch of :meth:`~eigenpro3.training.TrainingLoops.fit_epoch` an optional
+model-space correction (:mod:`eigenpro3.correction`; on by default when cheap)
+takes one full-gradient step preconditioned by an estimate of the p-center
+Hessian, and its full gradient serves the next epoch as an SVRG snapshot
+(``K(Z, x) (f(x) - f~(x)) + m g~`` replaces ``K(Z, x) r``). Both keep the exact
+minimizer as the fixed point; they remove the slow, single-center directions and
+the constant-step noise floor that the preconditioner cannot reach.
 """
 
 from __future__ import annotations
