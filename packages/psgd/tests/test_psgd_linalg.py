@@ -96,3 +96,16 @@ def test_factor_step_matches_the_plain_formula(geometry: str) -> None:
             want.append(e @ p @ e)
     for got, ref in zip(qs, want):
         torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_solve_along_each_dimension(dtype: torch.dtype) -> None:
+    """``x`` times ``Q^{-H}`` along a dimension, for 2-D and 3-D ``x``."""
+    gen = torch.Generator().manual_seed(2)
+    q = torch.triu(torch.randn(6, 6, generator=gen, dtype=dtype)) + 4 * torch.eye(6, dtype=dtype)
+    m = torch.linalg.inv(q).mH  # Q^{-H}
+    x = torch.randn(6, 6, generator=gen, dtype=dtype)
+    torch.testing.assert_close(L.solve_upper_h_along(q, x, 0), m @ x)
+    torch.testing.assert_close(L.solve_upper_h_along(q, x, 1), x @ m.mT)
+    x3 = torch.randn(2, 6, 3, generator=gen, dtype=dtype)
+    torch.testing.assert_close(L.solve_upper_h_along(q, x3, 1), L.apply_along(m, x3, 1))

@@ -94,6 +94,11 @@ def solve_upper_h_along(q: Tensor, x: Tensor, dim: int) -> Tensor:
     if x.dim() == 2 and dim == 1:  # X conj(Q^{-1}): a right-side solve, no transposed copy
         sol = torch.linalg.solve_triangular(_wide(q).conj(), _wide(x), upper=True, left=False)
         return sol.to(x.dtype)
+    if x.dim() == 2 and dim == 0:
+        # Q^{-H} X = (X^H Q^{-1})^H: a right-side solve on the transposed view (a left-side
+        # solve would first copy X into column-major order; this is ~2x faster on CPU)
+        sol = torch.linalg.solve_triangular(_wide(q), _wide(x).mH, upper=True, left=False)
+        return sol.mH.to(x.dtype)
     rows = torch.movedim(x, dim, 0)
     sol = torch.linalg.solve_triangular(
         _wide(q).mH, _wide(rows.reshape(rows.shape[0], -1)), upper=False
