@@ -253,3 +253,59 @@ def test_wide_one_block_fast_path_matches_reference(monkeypatch, kind, probabili
     else:
         sign = ref.Sign()
     assert got == reference_orders(kind, got[0], table, 0, epochs, sign)
+
+
+@pytest.mark.parametrize("small_cols", [0, 4])
+@pytest.mark.parametrize("chunk", [1 << 19, 6])
+def test_pair_differences_path_matches_reference(monkeypatch, small_cols, chunk):
+    """Wide blocks, greedy pair balance, even batches: signs from the pair differences.
+
+    Odd batches in between (a waiting example) take the full-matrix path; the
+    differences are formed in chunks (``chunk`` workspace entries, with tails),
+    the tracked stored products stay those of the stored vectors, and a
+    non-finite gradient is reported with the state left unchanged.
+    """
+    from grabsampler import _bank
+
+    monkeypatch.setattr(_bank, "SMALL_COLS", small_cols)
+    monkeypatch.setattr(_bank, "PAIR_ENTRIES", chunk)
+    taken = []
+    original = _bank.AuxBank.pair_diff_lists
+
+    def counting(self, rows, b):
+        out = original(self, rows, b)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(_bank.AuxBank, "pair_diff_lists", counting)
+    n, epochs = 25, 4
+    sizes = [4, 2, 3, 1, 6, 2, 5, 2]
+    table = grad_table(epochs, n, seed=43)
+    sampler = GraBSampler(range(n), make_params(), "pair", seed=3)
+    assert sampler.bank.track
+    got = []
+    for e in range(epochs):
+        order = list(iter(sampler))
+        got.append(order)
+        start = 0
+        for j, b in enumerate(sizes):
+            rows = table[e, order[start : start + b]]
+            if (e, j) == (1, 1):
+                before = sampler.state_dict()
+                bad = rows.clone()
+                bad[1, 3] = float("inf")
+                with pytest.raises(ValueError, match="non-finite"):
+                    sampler.step(as_dict(bad))
+                for key in ("position", "epoch"):
+                    assert sampler.state_dict()[key] == before[key]
+                for a, c in zip(sampler.state_dict()["aux"], before["aux"]):
+                    assert torch.equal(a, c)
+            sampler.step(as_dict(rows))
+            start += b
+        # the tracked products of the stored vectors equal recomputed ones
+        ss = sampler.bank._ss
+        if ss is not None:
+            s = torch.cat([blk[0] for blk in sampler.bank.state()])
+            assert ss[0][0] == pytest.approx(float(s @ s), rel=1e-9, abs=1e-9)
+    assert sum(taken) >= epochs * 3  # the even batches after an even batch
+    assert got == reference_orders("pair", got[0], table, 0, epochs, ref.Sign())

@@ -47,12 +47,14 @@ from torch import Tensor
 
 from grabsampler._rows import DenseRows, Rows, split_mm, stored_cross
 
-__all__ = ["ONE_PRODUCT_COLS", "SMALL_COLS", "AuxBank"]
+__all__ = ["ONE_PRODUCT_COLS", "PAIR_ENTRIES", "SMALL_COLS", "AuxBank"]
 
 #: parameter tensors with at most this many entries share one storage block
 SMALL_COLS = 16384
 #: up to this width the small block's matrix is one square product
 ONE_PRODUCT_COLS = 2048
+#: entries of the workspace in which pair differences are formed (per column chunk)
+PAIR_ENTRIES = 1 << 19
 
 
 class AuxBank:
@@ -358,6 +360,56 @@ class AuxBank:
         self._last = out
         return out, brows
 
+    def pair_diff_lists(
+        self, rows: Sequence[Rows], b: int
+    ) -> tuple[list[list[float]], list[Rows | None]] | None:
+        """Inner products of the batch's pair differences, for balancing them directly.
+
+        With ``P = B / 2`` differences ``d_p = x_{2p} - x_{2p+1}``, row ``p`` of the
+        result holds ``<d_p, d_q>`` (columns ``q < P``) and ``<d_p, a_0>`` (column
+        ``P``, stored vector 0). Wide blocks form the differences in column chunks
+        of a bounded workspace (``P x`` :data:`PAIR_ENTRIES` ``/ P`` entries), so
+        each gradient entry is read once and the product is ``P x P`` instead of
+        ``B x B`` (a quarter of the flops). Returns None (nothing done) when some
+        rows are not dense tensors; else the matrix as host floats and the
+        per-block rows to hand to :meth:`apply`.
+        """
+        if b % 2 or not all(isinstance(r, DenseRows) for r in rows):
+            return None
+        parts: list[Tensor] = []
+        brows: list[Rows | None] = []
+        for gi, g in enumerate(self.groups):
+            blk = self.blocks[gi]
+            br = None if (gi == 0 and self.has_small) else self._block_rows(rows, g)
+            brows.append(br)
+            pairs = [(br, blk)] if br is not None else [(rows[i], self.buffers[i]) for i in g]
+            for r, a in pairs:
+                assert isinstance(r, DenseRows)
+                x = r.x
+                parts.append(_pair_products(x, a[0].to(device=x.device, dtype=x.dtype)))
+        if len(parts) == 1:
+            return parts[0].tolist(), brows
+        return torch.stack([q.to(torch.float64) for q in parts]).sum(0).tolist(), brows
+
+    def track_pair_step(self, dm: list[list[float]], eps: Sequence[float]) -> None:
+        """Tracks the stored products after ``a_0 += sum_p eps_p d_p`` (see :meth:`pair_diff_lists`).
+
+        The other stored vectors must be zero (pair balance with no waiting
+        example): their inner products stay zero and ``<a_0, a_0>`` follows
+        from ``dm``.
+        """
+        self._last = None
+        self._fss = None
+        ss = self._ss
+        if ss is None:
+            return
+        p = len(dm)
+        grow = sum(e * row[p] for e, row in zip(eps, dm))
+        quad = sum(e * sum(map(mul, eps, row)) for e, row in zip(eps, dm))
+        new = [[0.0] * len(ss) for _ in ss]
+        new[0][0] = ss[0][0] + 2.0 * grow + quad
+        self._ss = new if math.isfinite(new[0][0]) else None
+
     def _track_update(
         self, changed: Sequence[int], wx: list[list[float]], terms: Sequence[tuple[int, int, float]]
     ) -> None:
@@ -464,6 +516,26 @@ class AuxBank:
         blocks = [torch.cat([buffers[i].detach().cpu() for i in g], dim=1) for g in self.groups]
         self.k = k
         self._alloc(blocks)
+
+
+def _pair_products(x: Tensor, s: Tensor) -> Tensor:
+    """``[D D^T | D s]`` for the pair differences ``D = x[0::2] - x[1::2]`` of ``(B, n)`` rows.
+
+    The differences are formed in column chunks of a bounded workspace and
+    multiplied while they are in cache.
+    """
+    p, n = int(x.shape[0]) // 2, int(x.shape[1])
+    step = max(1024, PAIR_ENTRIES // max(p, 1))
+    gd = torch.zeros(p, p, dtype=x.dtype, device=x.device)
+    h = torch.zeros(p, 1, dtype=x.dtype, device=x.device)
+    ws = torch.empty(p, min(step, n), dtype=x.dtype, device=x.device)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        d = ws[:, : hi - lo]
+        torch.sub(x[0::2, lo:hi], x[1::2, lo:hi], out=d)
+        gd.addmm_(d, d.T)
+        h.addmm_(d, s[lo:hi, None])
+    return torch.cat([gd, h], dim=1)
 
 
 def _copy_all(dsts: list[Tensor], srcs: list[Tensor]) -> None:

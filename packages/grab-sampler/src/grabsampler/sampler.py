@@ -284,6 +284,8 @@ class GraBSampler(Sampler[int]):
         k = self.balancer.aux_rows(b)
         if k > self.bank.k:
             self.bank.grow(k)
+        if self.bank.track and self._diff_step(rows, b, indices):
+            return
         g, brows = self.bank.gram_lists(rows)
         # a nan or inf entry (or a square that overflows) makes the sum non-finite
         if not math.isfinite(sum(map(sum, g[:b]))):
@@ -295,6 +297,31 @@ class GraBSampler(Sampler[int]):
         if update is not None:
             self.bank.apply(rows, brows, *update)
         self.position += b
+
+    def _diff_step(self, rows: Sequence[Rows], b: int, indices: list[int]) -> bool:
+        """Pair balance of wide gradients from the pair differences (False: not taken).
+
+        With greedy signs, no waiting example and an even batch, pair balance
+        needs only the differences' inner products (with each other and with the
+        running sum): a ``B/2 x B/2`` product over differences formed in cached
+        column chunks, in place of the ``B x B`` Gram matrix.
+        """
+        ready = getattr(self.balancer, "diff_ready", None)
+        if ready is None or not ready(b):
+            return False
+        got = self.bank.pair_diff_lists(rows, b)
+        if got is None:
+            return False
+        dm, brows = got
+        if not math.isfinite(sum(map(sum, dm))):
+            raise ValueError(
+                "per_sample_grads contain non-finite values (inf or nan, or too large to square)"
+            )
+        changed, wx, terms = self.balancer.diff_step(dm, indices)  # type: ignore[attr-defined]
+        self.bank.apply(rows, brows, changed, wx, terms, track=False)
+        self.bank.track_pair_step(dm, wx[0][0::2])
+        self.position += b
+        return True
 
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

@@ -143,6 +143,37 @@ class PairBalance(Balancer):
         self.cache_index = indices[b - 1]
         return [S, CACHE], [y, cache], []
 
+    def diff_ready(self, batch_size: int) -> bool:
+        """Whether :meth:`diff_step` can balance the next batch (greedy, unnormalized
+        signs, no waiting example, an even batch)."""
+        return (
+            batch_size > 0
+            and not batch_size % 2
+            and self.cache_index < 0
+            and not (self.decider.probabilistic or self.decider.normalize)
+        )
+
+    def diff_step(self, dm: list[list[float]], indices: list[int]) -> Update:
+        """:meth:`step` from the pair differences' own inner products.
+
+        ``dm[p]`` holds ``<d_p, d_q>`` for the differences ``d_p = x_{2p} - x_{2p+1}``
+        of the batch and, in column ``P``, ``<d_p, s>``; then
+        ``<s + sum_{q<p} eps_q d_q, d_p> = <s, d_p> + sum_{q<p} eps_q <d_q, d_p>``.
+        Only for batches where :meth:`diff_ready` holds.
+        """
+        npairs = len(dm)
+        eps: list[float] = []
+        for row in dm:
+            dot = row[npairs] + sum(map(mul, eps, row))
+            eps.append(1.0 if dot < 0 else -1.0)
+        signs: list[int] = []
+        y: list[float] = []
+        for e in eps:
+            signs += (1, -1) if e > 0 else (-1, 1)
+            y += (e, -e)
+        self.place.put_many(indices, signs)
+        return [S], [y], []
+
     def end_epoch(self, unvisited: list[int]) -> tuple[list[int], Tensor]:
         middle = ([self.cache_index] if self.cache_index >= 0 else []) + unvisited
         order = self.place.finish(middle)
