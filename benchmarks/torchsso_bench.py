@@ -3,8 +3,10 @@
 Measures, side by side in one run (MLP 64-256-256-10, scikit-learn digits, batch 128, CPU):
 
 1. per-step time (median over interleaved rounds) of SGD, Adam, torchsso K-FAC with the
-   curvature updated every step / every 10 steps (factored damping, Cholesky) and with
-   exact Tikhonov damping (eigh) every 10 steps, and ASDL's K-FAC where ``asdl`` imports;
+   curvature updated every step (the library's default kl_clip / damping split, and the
+   candidate robust settings kl_clip 1e-4 + damping_split "tikhonov") / every 10 steps
+   (factored damping, Cholesky) and with exact Tikhonov damping (eigh) every 10 steps, and
+   ASDL's K-FAC where ``asdl`` imports;
 2. epochs (and wall-clock, side by side with Adam) to training cross-entropy <= 0.01;
 3. robustness over lr x damping in {1e-3, 1e-2, 1e-1}^2 with momentum 0.9 (20 epochs);
 4. VOGN / noisy K-FAC vs Adam: test expected calibration error (mean over 3 seeds) of the
