@@ -48,13 +48,21 @@ def norm_lower_bound_herm(a: Tensor, *, scratch: bool = False) -> Tensor:
         A real 0-dim tensor.
     """
     a = _wide(a)
-    max_abs = a.abs().amax()
+    max_abs = _max_abs(a)
     if not bool(max_abs > 0):
         return max_abs
     b = a.div_(max_abs) if scratch and a.dtype == max_abs.dtype else a / max_abs
     j = torch.argmax(torch.linalg.vector_norm(b, dim=1))
     x = b @ b[j].conj()
     return max_abs * torch.linalg.vector_norm(b.mH @ x) / torch.linalg.vector_norm(x)
+
+
+def _max_abs(a: Tensor) -> Tensor:
+    """``max |a|`` (for a real ``a`` from one min/max pass, without an ``|a|`` temporary)."""
+    if a.is_complex() or a.numel() == 0:
+        return a.abs().amax()
+    lo, hi = torch.aminmax(a)
+    return torch.maximum(hi, -lo)
 
 
 def apply_along(m: Tensor, x: Tensor, dim: int) -> Tensor:

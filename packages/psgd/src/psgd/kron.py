@@ -324,7 +324,9 @@ class Kron(PSGDBase):
             else:
                 target, fresh = g.to(pdt), False
             v = self._randn_like(target, n_upd, index)
-            noise = math.sqrt(_EPS32) * target.abs().mean() * v
+            # mean |target| as a 1-norm: one pass, no |target| temporary
+            mean_abs = torch.linalg.vector_norm(target, 1) / target.numel()
+            noise = math.sqrt(_EPS32) * mean_abs.to(target.real.dtype) * v
             target = target.add_(noise) if fresh else target + noise
             lazy = group["geometry"] == "EQ"
             F.update_factors(
