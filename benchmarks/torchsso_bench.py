@@ -109,7 +109,8 @@ def asdl_step(model: nn.Module, lr: float, damping: float, interval: int, mom: f
 
 def kfac(model: nn.Module, *, interval: int = 1, lr: float | None = None,
          damping: float | None = None, kl_clip: float | None = None,
-         inverse_method: str = "cholesky", damping_split: str | None = None, **kw) -> Step:  # fmt: skip
+         inverse_method: str = "cholesky", damping_split: str | None = None,
+         damping_adaptation: dict | bool | None = None, **kw) -> Step:  # fmt: skip
     """torchsso K-FAC; ``kl_clip`` / ``damping_split`` left out (None) take the library's
     defaults."""
     c = dict(KFAC)
@@ -117,6 +118,8 @@ def kfac(model: nn.Module, *, interval: int = 1, lr: float | None = None,
           "inverse_method": inverse_method}  # fmt: skip
     if damping_split is not None:
         ck["damping_split"] = damping_split
+    if damping_adaptation is not None:
+        ck["damping_adaptation"] = damping_adaptation
     if kl_clip is not None:
         kw["kl_clip"] = kl_clip
     opt = torchsso.SecondOrderOptimizer(

@@ -226,6 +226,12 @@ class AttentionKron(LayerCurvature):
         dot = sum((U * V).sum() for U, V in zip(Us, Vs))
         return self._unmatrix(Us), dot  # type: ignore[return-value]
 
+    def quad(self, f: dict[str, Tensor], vs: list[Tensor]) -> Tensor:
+        Vs = self._matrices(vs)
+        return sum(  # type: ignore[return-value]
+            ((f["G" + p] @ V) * (V @ f["A" + p])).sum() for p, V in zip(PROJECTIONS, Vs)
+        )
+
     def sample(
         self, inv: dict[str, Tensor], scale: float, gen: torch.Generator | None
     ) -> list[Tensor]:

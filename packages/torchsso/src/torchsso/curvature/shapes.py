@@ -103,6 +103,10 @@ class LayerCurvature:
         """Noise with covariance ``scale * (damped curvature)^-1`` per parameter."""
         raise NotImplementedError
 
+    def quad(self, f: dict[str, Tensor], vs: list[Tensor]) -> Tensor:
+        """``v^T C v`` for the (undamped) curvature ``C`` given by the factors ``f``."""
+        raise NotImplementedError
+
     def init_factors(self, precision: float) -> dict[str, Tensor]:
         """Curvature equal to ``precision * I`` (a starting point for variational inference)."""
         p0 = self.params[0]
@@ -160,6 +164,10 @@ class Diag(LayerCurvature):
         flat = torch.cat([g.reshape(-1) for g in grads])
         return self._split(flat * inv["diag_inv"])
 
+    def quad(self, f: dict[str, Tensor], vs: list[Tensor]) -> Tensor:
+        flat = torch.cat([v.reshape(-1) for v in vs])
+        return (f["diag"] * flat * flat).sum()
+
     def sample(
         self, inv: dict[str, Tensor], scale: float, gen: torch.Generator | None
     ) -> list[Tensor]:
@@ -202,6 +210,10 @@ class Full(LayerCurvature):
     def precondition(self, inv: dict[str, Tensor], grads: list[Tensor]) -> list[Tensor]:
         flat = torch.cat([g.reshape(-1) for g in grads])
         return self._split(inv["F_inv"] @ flat)
+
+    def quad(self, f: dict[str, Tensor], vs: list[Tensor]) -> Tensor:
+        flat = torch.cat([v.reshape(-1) for v in vs])
+        return flat @ (f["F"] @ flat)
 
     def sample(
         self, inv: dict[str, Tensor], scale: float, gen: torch.Generator | None
@@ -246,6 +258,10 @@ class Unit(LayerCurvature):
         v = torch.stack([grads[0].reshape(-1), grads[1].reshape(-1)], dim=1)
         out = torch.einsum("cij,cj->ci", inv["U_inv"], v)
         return [out[:, 0].view_as(grads[0]), out[:, 1].view_as(grads[1])]
+
+    def quad(self, f: dict[str, Tensor], vs: list[Tensor]) -> Tensor:
+        v = torch.stack([vs[0].reshape(-1), vs[1].reshape(-1)], dim=1)
+        return torch.einsum("ci,cij,cj->", v, f["U"], v)
 
     def sample(
         self, inv: dict[str, Tensor], scale: float, gen: torch.Generator | None
@@ -471,6 +487,14 @@ class Kron(LayerCurvature):
         else:
             U = inv["G_inv"] @ V @ inv["A_inv"]
         return split_matrix(self.module, U, grads), (U * V).sum()
+
+    def quad(self, f: dict[str, Tensor], vs: list[Tensor]) -> Tensor:
+        # vec(V)^T (A (x) G) vec(V) = tr(V^T G V A)
+        if self.embedding:
+            V = vs[0]
+            return ((V * f["A"].unsqueeze(1)) * (V @ f["G"])).sum()
+        V = matrix_grad(self.module, vs)
+        return ((f["G"] @ V) * (V @ f["A"])).sum()
 
     def sample(
         self, inv: dict[str, Tensor], scale: float, gen: torch.Generator | None

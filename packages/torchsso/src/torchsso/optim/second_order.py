@@ -53,6 +53,53 @@ def _due(interval: Interval, step: int) -> bool:
     return bool(interval(step)) if callable(interval) else step % interval == 0
 
 
+_ADAPT_KEYS = ("interval", "omega", "min_damping", "max_damping")
+
+
+def _adaptation(value: Any, damping: Any) -> dict[str, float] | None:
+    """Validated ``curv_kwargs["damping_adaptation"]`` (``None`` when off)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        value = {}
+    if not isinstance(value, dict):
+        raise TypeError(
+            "curv_kwargs['damping_adaptation'] must be a bool or a dict with keys "
+            f"{_ADAPT_KEYS}, got {type(value).__name__}"
+        )
+    unknown = set(value) - set(_ADAPT_KEYS)
+    if unknown:
+        raise ValueError(f"curv_kwargs['damping_adaptation']: unknown keys {sorted(unknown)}")
+    interval = value.get("interval", 5)
+    if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
+        raise ValueError(
+            f"curv_kwargs['damping_adaptation']['interval'] must be a positive int, got {interval!r}"
+        )
+    omega = float(value.get("omega", (19.0 / 20.0) ** interval))
+    if not 0.0 < omega < 1.0:
+        raise ValueError(
+            f"curv_kwargs['damping_adaptation']['omega'] must be in (0, 1), got {omega}"
+        )
+    lo = float(value.get("min_damping", 1e-6))
+    hi = float(value.get("max_damping", 1e2))
+    if not (0.0 < lo <= hi and math.isfinite(hi)):
+        raise ValueError(
+            "curv_kwargs['damping_adaptation']: need 0 < min_damping <= max_damping < inf, "
+            f"got {lo}, {hi}"
+        )
+    if callable(damping):
+        raise ValueError(
+            "curv_kwargs['damping_adaptation'] needs a float curv_kwargs['damping'] (the "
+            "initial value), not a schedule"
+        )
+    if not lo <= float(damping) <= hi:
+        raise ValueError(
+            f"curv_kwargs['damping'] ({damping}) must lie in [min_damping, max_damping] = "
+            f"[{lo}, {hi}] under damping_adaptation"
+        )
+    return {"interval": interval, "omega": omega, "min_damping": lo, "max_damping": hi}
+
+
 def _check_interval(name: str, value: Any) -> None:
     if callable(value):
         return
@@ -81,7 +128,11 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             ``inverse_method`` (``"cholesky"`` or ``"eigh"``: exact
             Tikhonov damping of ``A (x) G``), ``loss`` (``"cross_entropy"`` or ``"mse"``),
             ``num_mc`` (sampled labels per step for ``"Fisher"``), ``approx_type``
-            (``"mc"`` or ``"exact"`` for ``"Fisher"``).
+            (``"mc"`` or ``"exact"`` for ``"Fisher"``), ``damping_adaptation``
+            (``False`` by default; ``True`` or a dict ``{"interval": 5, "omega":
+            (19/20)**interval, "min_damping": 1e-6, "max_damping": 1e2}``):
+            Levenberg-Marquardt adaptation of ``damping`` (Martens & Grosse 2015, sec.
+            6.5), see :meth:`step`. ``damping`` is then the initial value.
         lr: learning rate.
         momentum: heavy-ball momentum.
         momentum_type: ``"preconditioned"`` (momentum on the preconditioned gradient)
@@ -147,7 +198,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         kw = dict(curv_kwargs or {})
         unknown = set(kw) - {
             "damping", "ema_decay", "pi_type", "inverse_method", "loss", "num_mc",
-            "approx_type", "mc_samples", "damping_split",
+            "approx_type", "mc_samples", "damping_split", "damping_adaptation",
         }  # fmt: skip
         if unknown:
             raise ValueError(f"curv_kwargs: unknown keys {sorted(unknown)}")
@@ -177,6 +228,12 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             )
         if kw.get("inverse_method", "cholesky") not in ("cholesky", "eigh"):
             raise ValueError("curv_kwargs['inverse_method'] must be 'cholesky' or 'eigh'")
+        adapt = _adaptation(kw.get("damping_adaptation"), damping)
+        if adapt is not None and acc_steps != 1:
+            raise ValueError(
+                "curv_kwargs['damping_adaptation'] needs acc_steps=1 (the loss after the step "
+                "is re-evaluated with one closure call)"
+            )
         num_mc = int(kw.get("num_mc", kw.get("mc_samples", 1)))
         if num_mc < 1:
             raise ValueError(f"curv_kwargs['num_mc'] must be >= 1, got {num_mc}")
@@ -215,6 +272,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         self._every_step = inv_interval == 1 or (inv_interval is None and curv_interval == 1)
         self._solve_opts = {**self.curv_opts, "solve": True}
         self.damping = damping
+        self.damping_adaptation = adapt
         self.ema_decay = float(ema)
         self.acc_steps = acc_steps
         self.curv_interval = curv_interval
@@ -257,7 +315,10 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         return int(self.state[self.blocks[0].params[0]].get("global_step", 0))
 
     def current_damping(self, step: int | None = None) -> float:
-        """The damping at ``step`` (default: the current step)."""
+        """The damping at ``step`` (default: the current step); under
+        ``damping_adaptation`` the current adapted value (``step`` is ignored)."""
+        if self.damping_adaptation is not None:
+            return float(self.state[self.blocks[0].params[0]].get("damping", self.damping))
         s = self.global_step if step is None else step
         d = float(self.damping(s)) if callable(self.damping) else float(self.damping)
         if not (d >= 0 and math.isfinite(d)):
@@ -525,8 +586,87 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                     scale *= ratio * wn / un
             torch._foreach_add_(params, upd, alpha=-scale)
 
+    @torch.no_grad()
+    def predicted_reduction(
+        self, grads: list[Tensor | None], deltas: list[Tensor], damping: float
+    ) -> Tensor:
+        """The quadratic model ``M(d) = g^T d + 1/2 d^T (C + damping I) d`` of the change of
+        the loss for the parameter change ``d`` (``deltas``, per parameter of
+        :meth:`blocks_params`), with ``C`` the curvature the optimizer holds (the moving
+        average of the blocks' Kron / Diag / Full / Unit estimates, without the factored
+        damping) and ``g`` the gradients (``None``: zero)."""
+        total = torch.zeros((), dtype=deltas[0].dtype, device=deltas[0].device)
+        i = 0
+        for b in self.blocks:
+            n = len(b.params)
+            ds, gs = deltas[i : i + n], grads[i : i + n]
+            i += n
+            for g, d in zip(gs, ds):
+                if g is not None:
+                    total += (g * d).sum()
+                total += 0.5 * damping * (d * d).sum()
+            f = self._factors(b)
+            if f is not None:
+                total += 0.5 * b.quad(f, ds)
+        return total
+
+    def _adapt_damping(
+        self,
+        closure: Callable[[], Any],
+        loss: Tensor,
+        before: list[Tensor],
+        grads: list[Tensor | None],
+        damping: float,
+    ) -> None:
+        """Levenberg-Marquardt rule: ``rho = (h(theta + d) - h(theta)) / M(d)`` on the step's
+        batch; ``damping *= omega`` if ``rho > 3/4``, ``/= omega`` if ``rho < 1/4``."""
+        adapt = self.damping_adaptation
+        assert adapt is not None
+        params = self.blocks_params()
+        with torch.no_grad():
+            deltas = [p.detach() - b for p, b in zip(params, before)]
+        pred = self.predicted_reduction(grads, deltas, damping)
+        self.capture.active = False
+        res = closure()  # the loss after the step, same batch (its backward is not used)
+        new = res[0] if isinstance(res, (tuple, list)) else res
+        if not isinstance(new, Tensor) or new.numel() != 1:
+            raise TypeError("closure must return (loss, output) with a scalar tensor loss")
+        vals = torch.stack([loss.detach().reshape(()), new.detach().reshape(()).to(loss.dtype)])
+        if is_distributed():
+            all_reduce_mean([vals])
+        actual = float(vals[1] - vals[0])
+        m = float(pred)
+        if not math.isfinite(actual):
+            rho = -math.inf
+        elif m < 0:
+            rho = actual / m
+        else:  # the model predicts no decrease: only an actual increase says anything
+            rho = -math.inf if actual > 0 else math.nan
+        d = damping
+        if rho > 0.75:
+            d = damping * adapt["omega"]
+        elif rho < 0.25:
+            d = damping / adapt["omega"]
+        anchor = self._anchor(self.blocks[0])
+        anchor["damping"] = min(max(d, adapt["min_damping"]), adapt["max_damping"])
+        anchor["damping_rho"] = rho
+        for p in params:  # drop the gradients of the re-evaluation
+            p.grad = None
+
     def step(self, closure: Callable[[], Any] | None = None) -> Tensor:  # type: ignore[override]
         """One optimization step.
+
+        Under ``curv_kwargs["damping_adaptation"]``, every ``interval``-th step calls the
+        closure a second time after the update, on the same batch, to measure the actual
+        change of the loss ``h(theta + d) - h(theta)``; its ratio ``rho`` to the change
+        predicted by :meth:`predicted_reduction` (with the damping used for the step) sets
+        the damping of the next steps: ``damping *= omega`` when ``rho > 3/4`` (the model is
+        trusted), ``damping /= omega`` when ``rho < 1/4`` (including any step that raised
+        the loss while the model predicted a decrease), bounded by ``min_damping`` /
+        ``max_damping``. The re-evaluation's gradients are discarded (set to ``None``) and
+        no curvature is recorded from it; it runs the model once more in training mode
+        (BatchNorm running statistics see that batch twice). The adapted damping and the
+        last ``rho`` are kept in the optimizer state (``state_dict``).
 
         Args:
             closure: zeroes the gradients, computes the loss, calls ``backward`` and
@@ -559,7 +699,15 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         inv_due = updated if self.inv_interval is None else _due(self.inv_interval, k)
         if missing or inv_due:
             self._update_inverses(damping)
-        self._apply(damping)
+        adapt = self.damping_adaptation
+        if adapt is not None and (k + 1) % int(adapt["interval"]) == 0:
+            params = self.blocks_params()
+            before = [p.detach().clone() for p in params]
+            grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
+            self._apply(damping)
+            self._adapt_damping(closure, loss, before, grads, damping)
+        else:
+            self._apply(damping)
         anchor["global_step"] = k + 1
         anchor["rng_state"] = self.generator.get_state()
         return loss

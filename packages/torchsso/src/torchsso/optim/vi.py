@@ -109,6 +109,11 @@ class VIOptimizer(SecondOrderOptimizer):
         if curv_type == "Hessian":
             raise ValueError("curv_type='Hessian' is not available for VIOptimizer")
         ck = {"damping": 0.0, "ema_decay": 0.1, **(curv_kwargs or {})}
+        if ck.get("damping_adaptation"):
+            raise ValueError(
+                "curv_kwargs['damping_adaptation'] is not available for VIOptimizer (the "
+                "damping is part of the posterior precision)"
+            )
         kwargs.setdefault("kl_clip", None)
         super().__init__(
             model, curv_type, curv_shapes, ck, lr=lr, momentum=momentum,
