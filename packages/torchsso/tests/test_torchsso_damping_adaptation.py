@@ -193,3 +193,18 @@ def test_bad_adaptation_arguments():
         SecondOrderOptimizer(model, "Fisher", "Kron", {"damping_adaptation": True}, acc_steps=2)
     with pytest.raises(ValueError, match="VIOptimizer"):
         VIOptimizer(model, 10, "Cov", "Diag", {"damping_adaptation": True})
+
+
+def test_re_evaluation_runs_no_backward_through_the_network():
+    x, y = _linear_problem()
+    lin, opt = _quadratic_opt(1e-3, 0.5)  # adaptation on every step
+    calls = []
+    lin.weight.register_hook(lambda g: calls.append(1))
+    forwards = []
+    lin.register_forward_hook(lambda *a: forwards.append(torch.is_grad_enabled()))
+    for _ in range(3):
+        opt.step(_mse_closure(opt, lin, x, y))
+    assert len(calls) == 3  # gradients of the steps' own backward passes only
+    assert forwards == [True, False] * 3  # the re-evaluations run without autograd
+    assert torch.is_grad_enabled()
+    assert "damping_rho" in opt.state[opt.blocks[0].params[0]]

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils._pytree import tree_map
 
 from optcore.distributed import (
     all_reduce_mean,
@@ -627,7 +628,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             deltas = [p.detach() - b for p, b in zip(params, before)]
         pred = self.predicted_reduction(grads, deltas, damping)
         self.capture.active = False
-        res = closure()  # the loss after the step, same batch (its backward is not used)
+        res = self._evaluate(closure)  # the loss after the step, same batch
         new = res[0] if isinstance(res, (tuple, list)) else res
         if not isinstance(new, Tensor) or new.numel() != 1:
             raise TypeError("closure must return (loss, output) with a scalar tensor loss")
@@ -653,12 +654,55 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         for p in params:  # drop the gradients of the re-evaluation
             p.grad = None
 
+    def _evaluate(self, closure: Callable[[], Any]) -> Any:
+        """Call the closure for its loss only: the model's forward runs without autograd
+        and its output is handed to the loss as a fresh leaf, so the closure's
+        ``backward()`` stops at the output (no backward pass through the network, no
+        parameter gradients). A DDP-wrapped model is run as is (its reducer expects the
+        full backward)."""
+        if self._ddp:
+            return closure()
+        inner = self.model
+        mode = torch.is_grad_enabled()
+        depth = [0]
+
+        def pre(_m: nn.Module, _args: Any) -> None:
+            depth[0] += 1
+            if depth[0] == 1:
+                torch.set_grad_enabled(False)
+
+        def post(_m: nn.Module, _args: Any, out: Any) -> Any:
+            depth[0] -= 1
+            if depth[0]:
+                return out
+            torch.set_grad_enabled(mode)
+
+            def leaf(t: Any) -> Any:
+                if isinstance(t, Tensor) and t.is_floating_point():
+                    return t.detach().requires_grad_(True)
+                return t
+
+            return tree_map(leaf, out)
+
+        handles = [
+            inner.register_forward_pre_hook(pre),
+            inner.register_forward_hook(post, always_call=True),
+        ]
+        try:
+            return closure()
+        finally:
+            for h in handles:
+                h.remove()
+            torch.set_grad_enabled(mode)
+
     def step(self, closure: Callable[[], Any] | None = None) -> Tensor:  # type: ignore[override]
         """One optimization step.
 
         Under ``curv_kwargs["damping_adaptation"]``, every ``interval``-th step calls the
         closure a second time after the update, on the same batch, to measure the actual
-        change of the loss ``h(theta + d) - h(theta)``; its ratio ``rho`` to the change
+        change of the loss ``h(theta + d) - h(theta)`` (the model's forward runs without
+        autograd there and the closure's ``backward()`` stops at the model output, so this
+        costs about one forward pass); its ratio ``rho`` to the change
         predicted by :meth:`predicted_reduction` (with the damping used for the step) sets
         the damping of the next steps: ``damping *= omega`` when ``rho > 3/4`` (the model is
         trusted), ``damping /= omega`` when ``rho < 1/4`` (including any step that raised
