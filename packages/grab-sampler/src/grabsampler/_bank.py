@@ -378,15 +378,13 @@ class AuxBank:
             return None
         parts: list[Tensor] = []
         brows: list[Rows | None] = []
-        for gi, g in enumerate(self.groups):
-            blk = self.blocks[gi]
-            br = None if (gi == 0 and self.has_small) else self._block_rows(rows, g)
+        for g, blk in zip(self.groups, self.blocks):
+            # the small tensors' rows side by side (at most B x 4 SMALL_COLS entries)
+            br = self._block_rows(rows, g)
+            assert isinstance(br, DenseRows)
             brows.append(br)
-            pairs = [(br, blk)] if br is not None else [(rows[i], self.buffers[i]) for i in g]
-            for r, a in pairs:
-                assert isinstance(r, DenseRows)
-                x = r.x
-                parts.append(_pair_products(x, a[0].to(device=x.device, dtype=x.dtype)))
+            x = br.x
+            parts.append(_pair_products(x, blk[0].to(device=x.device, dtype=x.dtype)))
         if len(parts) == 1:
             return parts[0].tolist(), brows
         return torch.stack([q.to(torch.float64) for q in parts]).sum(0).tolist(), brows
