@@ -266,7 +266,7 @@ def test_kron_factored_damping_cholesky():
     torch.manual_seed(10)
     lin = nn.Linear(3, 2)
     x, y = torch.randn(7, 3), torch.randint(0, 2, (7,))
-    opt = _one_step(lin, "Cov", "Kron", x, y, pi_type="none")
+    opt = _one_step(lin, "Cov", "Kron", x, y, pi_type="none", damping_split="sqrt")
     c, b = _curv(opt), opt.blocks[0]
     inv = {k[4:]: v for k, v in opt.state[b.params[0]].items() if k.startswith("inv_")}
     r = 1e-3**0.5

@@ -86,9 +86,11 @@ def test_transformer_trains_with_kron_and_unit():
     model = TinyTransformer()
     tok = torch.randint(0, 11, (32, 5))
     y = tok[:, 0] % 3
+    # kl_clip 1e-3 (the previous default): the default 1e-4 bounds the steps more and
+    # trains this tiny model slower over 16 steps (loss ratio 0.64 instead of 0.39)
     opt = SecondOrderOptimizer(
         model, "Fisher", {"Embedding": "Kron", "Linear": "Kron", "LayerNorm": "Unit"},
-        {"damping": 1e-2}, lr=0.05, momentum=0.9,
+        {"damping": 1e-2}, lr=0.05, momentum=0.9, kl_clip=1e-3,
     )  # fmt: skip
     l0 = _step(model, opt, tok, y)
     for _ in range(15):

@@ -57,9 +57,13 @@ def _due(interval: Interval, step: int) -> bool:
 _ADAPT_KEYS = ("interval", "omega", "min_damping", "max_damping")
 
 
-def _adaptation(value: Any, damping: Any) -> dict[str, float] | None:
-    """Validated ``curv_kwargs["damping_adaptation"]`` (``None`` when off)."""
-    if value is None or value is False:
+def _adaptation(value: Any, damping: Any, acc_steps: int) -> dict[str, float] | None:
+    """Validated ``curv_kwargs["damping_adaptation"]`` (``None`` when off). The default
+    (``None``) turns it on where it applies: a constant ``damping`` within the default
+    bounds ``[1e-6, 1e2]`` and ``acc_steps=1``."""
+    if value is None:
+        value = not callable(damping) and 1e-6 <= float(damping) <= 1e2 and acc_steps == 1
+    if value is False:
         return None
     if value is True:
         value = {}
@@ -123,17 +127,20 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             ``ema_decay`` (weight of the *new* estimate, as in PyTorch-SSO; 1 = no
             averaging, default 1), ``pi_type`` (``"trace_norm"`` factored damping or
             ``"none"``), ``damping_split`` (how factored damping splits ``damping``
-            between the factors: ``"sqrt"``, ``pi sqrt(damping)`` and ``sqrt(damping) / pi``,
-            or ``"tikhonov"``, the split that adds exactly ``damping`` at the factors'
-            mean eigenvalues, see :func:`torchsso.curvature.shapes._split_damping`),
+            between the factors: ``"tikhonov"`` (default), the split that adds exactly
+            ``damping`` at the factors' mean eigenvalues, see
+            :func:`torchsso.curvature.shapes._split_damping`, or ``"sqrt"``,
+            ``pi sqrt(damping)`` and ``sqrt(damping) / pi``, which damps more),
             ``inverse_method`` (``"cholesky"`` or ``"eigh"``: exact
             Tikhonov damping of ``A (x) G``), ``loss`` (``"cross_entropy"`` or ``"mse"``),
             ``num_mc`` (sampled labels per step for ``"Fisher"``), ``approx_type``
             (``"mc"`` or ``"exact"`` for ``"Fisher"``), ``damping_adaptation``
-            (``False`` by default; ``True`` or a dict ``{"interval": 5, "omega":
-            (19/20)**interval, "min_damping": 1e-6, "max_damping": 1e2}``):
-            Levenberg-Marquardt adaptation of ``damping`` (Martens & Grosse 2015, sec.
-            6.5), see :meth:`step`. ``damping`` is then the initial value.
+            (Levenberg-Marquardt adaptation of ``damping``, Martens & Grosse 2015, sec.
+            6.5, see :meth:`step`; ``damping`` is then the initial value): ``True`` or a
+            dict ``{"interval": 5, "omega": (19/20)**interval, "min_damping": 1e-6,
+            "max_damping": 1e2}``, ``False`` turns it off; the default (``None``) turns it
+            on with those settings where it applies: a constant ``damping`` in
+            ``[1e-6, 1e2]`` and ``acc_steps=1``.
         lr: learning rate.
         momentum: heavy-ball momentum.
         momentum_type: ``"preconditioned"`` (momentum on the preconditioned gradient)
@@ -147,12 +154,13 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             ``step -> bool``).
         inv_interval: recompute the inverses every this many steps (or a callable);
             default ``None``: whenever the curvature was re-estimated.
-        kl_clip: KL clipping (default ``1e-3``; ``None`` turns it off): the preconditioned
+        kl_clip: KL clipping (default ``1e-4``; ``None`` turns it off): the preconditioned
             gradient ``u`` is scaled, before momentum, so that ``lr^2 sum(u . grad) <= kl_clip``
-            (a bound on the step's predicted KL change; Ba et al., 2017). ``1e-4`` with
-            ``damping_split="tikhonov"`` is more robust to the choice of lr and damping but
-            slower at a well-chosen one (the package README has the measurements and why
-            they are not the defaults).
+            (a bound on the step's predicted KL change; Ba et al., 2017). The defaults
+            (``1e-4``, ``damping_split="tikhonov"``, damping adaptation) were chosen for
+            robustness to lr and damping (the package README has the measurements); the
+            Tikhonov split damps less than ``"sqrt"``, so without KL clipping prefer
+            ``damping_split="sqrt"``.
         max_update_ratio: if set, the step of each layer block is scaled down to at most
             this fraction of the block's weight norm (a trust ratio in the spirit of
             PyTorch-SSO's LARS options; trades some speed for robustness to lr / damping).
@@ -187,7 +195,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         non_reg_for_bn: bool = False,
         curv_interval: Interval = 1,
         inv_interval: Interval | None = None,
-        kl_clip: float | None = 1e-3,
+        kl_clip: float | None = 1e-4,
         max_update_ratio: float | None = None,
         seed: int = 0,
     ) -> None:
@@ -222,14 +230,14 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"curv_kwargs['pi_type'] must be 'trace_norm' or 'none', got {kw['pi_type']!r}"
             )
-        if kw.get("damping_split", "sqrt") not in DAMPING_SPLITS:
+        if kw.get("damping_split", "tikhonov") not in DAMPING_SPLITS:
             raise ValueError(
                 f"curv_kwargs['damping_split'] must be one of {DAMPING_SPLITS}, "
                 f"got {kw['damping_split']!r}"
             )
         if kw.get("inverse_method", "cholesky") not in ("cholesky", "eigh"):
             raise ValueError("curv_kwargs['inverse_method'] must be 'cholesky' or 'eigh'")
-        adapt = _adaptation(kw.get("damping_adaptation"), damping)
+        adapt = _adaptation(kw.get("damping_adaptation"), damping, acc_steps)
         if adapt is not None and acc_steps != 1:
             raise ValueError(
                 "curv_kwargs['damping_adaptation'] needs acc_steps=1 (the loss after the step "
@@ -265,7 +273,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         self.blocks: list[LayerCurvature] = build_blocks(inner, curv_shapes, curv_type)
         self.curv_opts = {
             "pi_type": kw.get("pi_type", "trace_norm"),
-            "damping_split": kw.get("damping_split", "sqrt"),
+            "damping_split": kw.get("damping_split", "tikhonov"),
             "inverse_method": kw.get("inverse_method", "cholesky"),
         }
         # inverses recomputed on every step are used once: Kron blocks then keep Cholesky

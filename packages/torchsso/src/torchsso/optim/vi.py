@@ -108,8 +108,10 @@ class VIOptimizer(SecondOrderOptimizer):
             raise ValueError(f"init_precision must be > 0 or None, got {init_precision}")
         if curv_type == "Hessian":
             raise ValueError("curv_type='Hessian' is not available for VIOptimizer")
-        ck = {"damping": 0.0, "ema_decay": 0.1, **(curv_kwargs or {})}
-        if ck.get("damping_adaptation"):
+        # the split and damping rule of the previous SecondOrderOptimizer defaults: the
+        # damping here is the prior precision's companion, not a trust-region parameter
+        ck = {"damping": 0.0, "ema_decay": 0.1, "damping_split": "sqrt", **(curv_kwargs or {})}
+        if ck.setdefault("damping_adaptation", False):
             raise ValueError(
                 "curv_kwargs['damping_adaptation'] is not available for VIOptimizer (the "
                 "damping is part of the posterior precision)"
