@@ -37,7 +37,7 @@ def _methods():
     def kfac(m):
         opt = torchsso.SecondOrderOptimizer(
             m, "Fisher", {"Linear": "Kron"}, {"damping": 1e-2, "ema_decay": 0.1},
-            lr=0.01, momentum=0.9, kl_clip=1e-3,
+            lr=0.01, momentum=0.9,
         )  # fmt: skip
         return opt, True
 

@@ -54,7 +54,7 @@ def main(epochs: int = 3) -> float:
     opt = torchsso.SecondOrderOptimizer(
         model, "Fisher", {"Conv2d": "Kron", "Linear": "Kron", "BatchNorm2d": "Unit"},
         curv_kwargs={"damping": 1e-2, "ema_decay": 0.1},
-        lr=0.01, momentum=0.9, kl_clip=1e-3, non_reg_for_bn=True, weight_decay=1e-4,
+        lr=0.01, momentum=0.9, non_reg_for_bn=True, weight_decay=1e-4,
         curv_interval=2,
     )  # fmt: skip
     n = len(x)

@@ -22,7 +22,7 @@ def main(epochs: int = 5) -> float:
     opt = torchsso.SecondOrderOptimizer(
         model, "Fisher", {"Linear": "Kron"},
         curv_kwargs={"damping": 1e-2, "ema_decay": 0.1},
-        lr=0.01, momentum=0.9, kl_clip=1e-3,
+        lr=0.01, momentum=0.9,
     )  # fmt: skip
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     n = len(d.x_train)
