@@ -755,7 +755,9 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         if adapt is not None and (k + 1) % int(adapt["interval"]) == 0:
             params = self.blocks_params()
             before = [p.detach().clone() for p in params]
-            grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
+            # _apply reads the gradients without changing them, and the model M(d) is
+            # evaluated before the closure runs again: no copies needed
+            grads = [None if p.grad is None else p.grad.detach() for p in params]
             self._apply(damping)
             self._adapt_damping(closure, loss, before, grads, damping)
         else:
