@@ -54,6 +54,8 @@ def _mlp() -> torch.nn.Module:
 def _make(name: str, params: Any, prob: float) -> torch.optim.Optimizer | None:
     if name == "psgd.Kron":
         return psgd.Kron(params, lr=1e-3, preconditioner_update_probability=prob)
+    if name == "psgd.Kron(fast_fit)":
+        return psgd.Kron(params, lr=1e-3, preconditioner_update_probability=prob, fast_fit=True)
     if name == "psgd.Kron(QUAD)":
         return psgd.Kron(params, lr=1e-3, preconditioner_update_probability=prob, geometry="QUAD")
     if name == "kron-torch":
@@ -143,7 +145,14 @@ def _precond_gflops(repeats: int) -> float:
 
 
 def bench_speed(quick: bool) -> dict[str, Any]:
-    names = ["psgd.Kron", "psgd.Kron(QUAD)", "kron-torch", "heavyball", "AdamW"]
+    names = [
+        "psgd.Kron",
+        "psgd.Kron(fast_fit)",
+        "psgd.Kron(QUAD)",
+        "kron-torch",
+        "heavyball",
+        "AdamW",
+    ]
     out: dict[str, Any] = {"step_ms": {}, "state_bytes_per_param": {}}
     repeats = 3 if quick else 7
     for prob, n in ((0.03, 34), (1.0, 3)):
@@ -380,7 +389,7 @@ def _table(results: dict[str, Any]) -> str:
         for prob, row in sp["step_ms"].items():
             for k, v in row.items():
                 lines.append(f"| MLP step, p={prob} | {k} | ms / step | {v:.1f} |")
-            for mine in ("psgd.Kron", "psgd.Kron(QUAD)"):
+            for mine in ("psgd.Kron", "psgd.Kron(fast_fit)", "psgd.Kron(QUAD)"):
                 ours = row.get(mine)
                 for peer in ("kron-torch", "heavyball"):
                     if ours and row.get(peer):

@@ -210,7 +210,9 @@ def test_cached_preconditioner_equals_q_transpose_q() -> None:
             q, cache = opt.state[p][f"Q{i}"], opt.state[p][f"P{i}"]
             assert torch.allclose(cache, q.mH @ q, atol=1e-6)
     p = torch.nn.Parameter(torch.randn(5, 4))
-    opt = psgd.Kron([p], lr=0.01, geometry="EQ", preconditioner_update_probability=1.0)
+    opt = psgd.Kron(
+        [p], lr=0.01, geometry="EQ", preconditioner_update_probability=1.0, fast_fit=True
+    )
     for _ in range(5):
         p.grad = torch.randn(5, 4)
         opt.step()
@@ -506,6 +508,8 @@ def test_batched_state_round_trip_is_bit_identical() -> None:
 def test_batch_switch_is_checked() -> None:
     with pytest.raises(TypeError, match="batch_same_shape"):
         psgd.Kron([torch.nn.Parameter(torch.ones(2))], batch_same_shape=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="fast_fit"):
+        psgd.Kron([torch.nn.Parameter(torch.ones(2))], fast_fit=1)  # type: ignore[arg-type]
     # default: accelerators only (on CPU torch.bmm measured slower than a loop of mm)
     model = _stack_model()
     opt = psgd.Kron(model.parameters(), lr=0.02, preconditioner_update_probability=0.3)
@@ -533,8 +537,8 @@ def test_lazy_p_refresh_matches_eager(blocks: bool, monkeypatch: pytest.MonkeyPa
             model.parameters(),
             lr=0.02,
             preconditioner_update_probability=lambda n: 1.0 if n <= 20 or n >= 36 else 0.4,
+            fast_fit=lazy,
         )
-        opt._lazy_p = lazy
         gen = torch.Generator().manual_seed(4)
         for _ in range(40):
             x = torch.randn(16, 6, generator=gen, dtype=torch.float64)

@@ -106,6 +106,7 @@ def test_solve_along_each_dimension(dtype: torch.dtype) -> None:
     m = torch.linalg.inv(q).mH  # Q^{-H}
     x = torch.randn(6, 6, generator=gen, dtype=dtype)
     torch.testing.assert_close(L.solve_upper_h_along(q, x, 0), m @ x)
+    torch.testing.assert_close(L.solve_upper_h_along(q, x, 0, transposed=True), m @ x)
     torch.testing.assert_close(L.solve_upper_h_along(q, x, 1), x @ m.mT)
     x3 = torch.randn(2, 6, 3, generator=gen, dtype=dtype)
     torch.testing.assert_close(L.solve_upper_h_along(q, x3, 1), L.apply_along(m, x3, 1))

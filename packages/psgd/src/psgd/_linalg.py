@@ -93,8 +93,12 @@ def unfold_gram(a: Tensor, dim: int, diag: bool) -> Tensor:
     return herm_mm(rows, rows.mH)
 
 
-def solve_upper_h_along(q: Tensor, x: Tensor, dim: int) -> Tensor:
-    """``x`` times ``Q^{-H}`` along ``dim`` for an upper-triangular ``q`` (float32 solve)."""
+def solve_upper_h_along(q: Tensor, x: Tensor, dim: int, *, transposed: bool = False) -> Tensor:
+    """``x`` times ``Q^{-H}`` along ``dim`` for an upper-triangular ``q`` (float32 solve).
+
+    ``transposed``: for a 2-D ``x`` and ``dim=0``, solve ``X^H Q^{-1}`` on the transposed
+    view instead (the same result up to rounding; no column-major copy, ~2x faster on CPU).
+    """
     if q.dim() < 2:
         shape = [1] * x.dim()
         shape[dim] = q.shape[0]
@@ -102,7 +106,7 @@ def solve_upper_h_along(q: Tensor, x: Tensor, dim: int) -> Tensor:
     if x.dim() == 2 and dim == 1:  # X conj(Q^{-1}): a right-side solve, no transposed copy
         sol = torch.linalg.solve_triangular(_wide(q).conj(), _wide(x), upper=True, left=False)
         return sol.to(x.dtype)
-    if x.dim() == 2 and dim == 0:
+    if transposed and x.dim() == 2 and dim == 0:
         # Q^{-H} X = (X^H Q^{-1})^H: a right-side solve on the transposed view (a left-side
         # solve would first copy X into column-major order; this is ~2x faster on CPU)
         sol = torch.linalg.solve_triangular(_wide(q), _wide(x).mH, upper=True, left=False)
