@@ -17,14 +17,7 @@ from torchsso._testing import ce_closure
 
 
 def _mse_closure(opt, model, x, y):
-    def closure():
-        opt.zero_grad()
-        out = model(x)
-        loss = F.mse_loss(out, y)
-        loss.backward()
-        return loss, out
-
-    return closure
+    return ce_closure(opt, model, x, y, loss_fn=F.mse_loss)
 
 
 def _linear_problem(n=32, scale=1.0, seed=0):

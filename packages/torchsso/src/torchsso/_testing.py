@@ -61,15 +61,20 @@ def data_parallel_runs(rank: int, world_size: int, configs: list[tuple]) -> list
 
 
 def ce_closure(
-    opt: torch.optim.Optimizer, model: nn.Module, x: torch.Tensor, y: torch.Tensor
+    opt: torch.optim.Optimizer,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
 ) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
-    """The seed's closure convention for a cross-entropy step on ``(x, y)``: zero the
-    gradients, forward, backward, return ``(loss, output)``."""
+    """The seed's closure convention for a step on ``(x, y)`` (cross-entropy unless
+    ``loss_fn`` says otherwise): zero the gradients, forward, backward, return
+    ``(loss, output)``."""
 
     def closure() -> tuple[torch.Tensor, torch.Tensor]:
         opt.zero_grad()
         out = model(x)
-        loss = F.cross_entropy(out, y)
+        loss = loss_fn(out, y)
         loss.backward()
         return loss, out
 
