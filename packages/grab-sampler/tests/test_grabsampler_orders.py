@@ -57,6 +57,17 @@ def run_sampler(sampler, table, batch, epochs, mode="dict"):
     return orders
 
 
+def reference_sign(got, n, seed, probabilistic):
+    """The reference sign rule for a sampler seeded with ``seed``; for probabilistic
+    balancing it first asserts that the first epoch is the seeded random permutation and
+    hands the generator on (its state after that draw) to the reference."""
+    if not probabilistic:
+        return ref.Sign()
+    gen = torch.Generator().manual_seed(seed)
+    assert got[0] == torch.randperm(n, generator=gen).tolist()
+    return ref.Sign(probabilistic=True, c=2.0, gen=gen)
+
+
 def reference_orders(kind, order0, table, batch, epochs, sign, depth=4):
     orders = [order0]
     m = torch.zeros(D, dtype=table.dtype)
@@ -103,11 +114,8 @@ def test_probabilistic_orders_match_reference(kind):
     table = grad_table(epochs, n, seed=11)
     sampler = GraBSampler(range(n), make_params(), kind, probabilistic=True, prob_c=2.0, seed=5)
     got = run_sampler(sampler, table, batch, epochs)
-    gen = torch.Generator().manual_seed(5)
-    first = torch.randperm(n, generator=gen).tolist()
-    assert got[0] == first
-    sign = ref.Sign(probabilistic=True, c=2.0, gen=gen)
-    want = reference_orders(kind, first, table, batch, epochs, sign)
+    sign = reference_sign(got, n, 5, probabilistic=True)
+    want = reference_orders(kind, got[0], table, batch, epochs, sign)
     assert got == want
 
 
@@ -207,12 +215,7 @@ def test_large_block_layouts_match_reference(monkeypatch, small_cols, kind, prob
     finally:
         if old is not None:
             torch.set_num_threads(old)
-    if probabilistic:
-        gen = torch.Generator().manual_seed(7)
-        assert got[0] == torch.randperm(n, generator=gen).tolist()
-        sign = ref.Sign(probabilistic=True, c=2.0, gen=gen)
-    else:
-        sign = ref.Sign()
+    sign = reference_sign(got, n, 7, probabilistic)
     assert got == reference_orders(kind, got[0], table, batch, epochs, sign, depth=3)
 
 
@@ -246,12 +249,7 @@ def test_wide_one_block_fast_path_matches_reference(monkeypatch, kind, probabili
             start += b
     # the stored products are carried over from batch to batch, not recomputed
     assert tracked >= epochs * (len(sizes) - 2)
-    if probabilistic:
-        gen = torch.Generator().manual_seed(5)
-        assert got[0] == torch.randperm(n, generator=gen).tolist()
-        sign = ref.Sign(probabilistic=True, c=2.0, gen=gen)
-    else:
-        sign = ref.Sign()
+    sign = reference_sign(got, n, 5, probabilistic)
     assert got == reference_orders(kind, got[0], table, 0, epochs, sign)
 
 
