@@ -28,20 +28,18 @@ import torchsso_bench as B
 import torchsso
 
 
-def _rows(model, s, ks, pred) -> dict:
-    out = {}
-    with torch.no_grad():
-        ce = float(F.cross_entropy(model(s["x"]), s["y"]))
-        for k in ks:
-            p = pred(k)
-            out[k] = {
-                "train_ce": ce,
-                "val_ece": torchsso.expected_calibration_error(p, s["yv"]),
-                "val_acc": float((p.argmax(1) == s["yv"]).float().mean()),
-                "val_conf": float(p.max(1).values.mean()),
-                "val_nll": float(F.nll_loss(p.clamp_min(1e-12).log(), s["yv"])),
-            }
-    return out
+def _val_rows(s, ks, pred):
+    """Validation metrics per prediction sample count (the training CE is added by
+    ``torchsso_bench._fit``)."""
+    for k in ks:
+        p = pred(k)
+        yield {
+            "mc_samples": k,
+            "val_ece": torchsso.expected_calibration_error(p, s["yv"]),
+            "val_acc": float((p.argmax(1) == s["yv"]).float().mean()),
+            "val_conf": float(p.max(1).values.mean()),
+            "val_nll": float(F.nll_loss(p.clamp_min(1e-12).log(), s["yv"])),
+        }
 
 
 def run(s, hp: dict | None, seed: int, epochs: int, ks, ema: float) -> dict:
@@ -66,18 +64,11 @@ def run(s, hp: dict | None, seed: int, epochs: int, ks, ema: float) -> dict:
             torch.manual_seed(seed)
             return torchsso.prediction(model, s["xv"], mc_samples=k)
 
-    g = torch.Generator().manual_seed(seed)
-    n = len(s["x"])
-    out = {}
-    for ep in range(1, epochs + 1):
-        perm = torch.randperm(n, generator=g)
-        for i in range(0, n, 128):
-            idx = perm[i : i + 128]
-            step(s["x"][idx], s["y"][idx])
-        if ep % 5 == 0:
-            for k, r in _rows(model, s, ks, pred).items():
-                out[(ep, k)] = r
-    return out
+    rows = B._fit(s, model, step, epochs, seed, lambda: _val_rows(s, ks, pred))
+    keys = ("epoch", "mc_samples")
+    return {
+        (r["epoch"], r["mc_samples"]): {k: v for k, v in r.items() if k not in keys} for r in rows
+    }
 
 
 def main() -> None:
