@@ -587,28 +587,19 @@ def write_readme(res: dict, *, figure: bool) -> None:
 
             s = res["synthetic"]
             fig, ax = plt.subplots(figsize=(6, 4))
-            ax.plot(
-                [c["seconds"] for c in s["curve"]],
-                [100 * c["accuracy"] for c in s["curve"]],
-                "o-",
-                label="EigenPro3, defaults (per epoch)",
-            )
-            if s.get("plain"):
-                ch = s["plain"]["curve"]
-                ax.plot(
-                    [c["seconds"] for c in ch],
-                    [100 * c["accuracy"] for c in ch],
-                    "o:",
-                    label="EigenPro3, correction=False",
-                )
-            if s.get("eigenpro2"):
-                ch = s["eigenpro2"]["curve"]
-                ax.plot(
-                    [c["seconds"] for c in ch],
-                    [100 * c["accuracy"] for c in ch],
-                    "o--",
-                    label="EigenPro3, EigenPro2 projection",
-                )
+            curves = [
+                (s["curve"], "o-", "EigenPro3, defaults (per epoch)"),
+                ((s.get("plain") or {}).get("curve"), "o:", "EigenPro3, correction=False"),
+                ((s.get("eigenpro2") or {}).get("curve"), "o--", "EigenPro3, EigenPro2 projection"),
+            ]
+            for ch, style, label in curves:
+                if ch:
+                    ax.plot(
+                        [c["seconds"] for c in ch],
+                        [100 * c["accuracy"] for c in ch],
+                        style,
+                        label=label,
+                    )
             ax.plot(
                 [s["exact"]["seconds"]],
                 [100 * s["exact"]["accuracy"]],
