@@ -242,7 +242,7 @@ def triu_left_mm(q: Tensor, x: Tensor) -> Tensor:
     if n < 2 * _BLOCK:
         return q @ x
     out = torch.zeros(n, x.shape[1], dtype=torch.promote_types(q.dtype, x.dtype), device=x.device)
-    _triu_left_acc(out, q, x)
+    _tri_left_acc(out, q, x, upper=True)
     return out
 
 
@@ -252,19 +252,23 @@ def triu_right_mm_t(x: Tensor, q: Tensor) -> Tensor:
     if n < 2 * _BLOCK:
         return x @ q.mT
     out = torch.zeros(x.shape[0], n, dtype=torch.promote_types(q.dtype, x.dtype), device=x.device)
-    _triu_left_acc(out.mT, q, x.mT)  # (x q^T)^T = q x^T
+    _tri_left_acc(out.mT, q, x.mT, upper=True)  # (x q^T)^T = q x^T
     return out
 
 
-def _triu_left_acc(out: Tensor, q: Tensor, x: Tensor) -> None:
-    n = q.shape[0]
+def _tri_left_acc(out: Tensor, t: Tensor, x: Tensor, *, upper: bool) -> None:
+    """``out += t @ x`` for a triangular ``t`` (upper or lower), zero blocks skipped."""
+    n = t.shape[0]
     if n < 2 * _BLOCK:
-        out.addmm_(q, x)
+        out.addmm_(t, x)
         return
     h = n // 2
-    _triu_left_acc(out[:h], q[:h, :h], x[:h])
-    out[:h].addmm_(q[:h, h:], x[h:])
-    _triu_left_acc(out[h:], q[h:, h:], x[h:])
+    _tri_left_acc(out[:h], t[:h, :h], x[:h], upper=upper)
+    if upper:
+        out[:h].addmm_(t[:h, h:], x[h:])
+    else:
+        out[h:].addmm_(t[h:, :h], x[:h])
+    _tri_left_acc(out[h:], t[h:, h:], x[h:], upper=upper)
 
 
 def triu_t_left_mm(q: Tensor, x: Tensor) -> Tensor:
@@ -273,7 +277,7 @@ def triu_t_left_mm(q: Tensor, x: Tensor) -> Tensor:
     if n < 2 * _BLOCK:
         return q.mH @ x
     out = torch.zeros(n, x.shape[1], dtype=torch.promote_types(q.dtype, x.dtype), device=x.device)
-    _tril_left_acc(out, q.mH, x)
+    _tri_left_acc(out, q.mH, x, upper=False)
     return out
 
 
@@ -283,17 +287,5 @@ def triu_right_mm(x: Tensor, u: Tensor) -> Tensor:
     if n < 2 * _BLOCK:
         return x @ u
     out = torch.zeros(x.shape[0], n, dtype=torch.promote_types(u.dtype, x.dtype), device=x.device)
-    _tril_left_acc(out.mT, u.mT, x.mT)  # (x u)^T = u^T x^T, u^T lower-triangular
+    _tri_left_acc(out.mT, u.mT, x.mT, upper=False)  # (x u)^T = u^T x^T, u^T lower-triangular
     return out
-
-
-def _tril_left_acc(out: Tensor, low: Tensor, x: Tensor) -> None:
-    """``out += low @ x`` for a lower-triangular ``low``, zero blocks skipped."""
-    n = low.shape[0]
-    if n < 2 * _BLOCK:
-        out.addmm_(low, x)
-        return
-    h = n // 2
-    _tril_left_acc(out[:h], low[:h, :h], x[:h])
-    out[h:].addmm_(low[h:, :h], x[:h])
-    _tril_left_acc(out[h:], low[h:, h:], x[h:])
