@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from grabsampler._rows import DenseRows, Rows
+from grabsampler._sketch import KronSketch
 from grabsampler.sampler import GraBSampler
 
 __all__ = ["EmbeddingRows", "FactoredRows", "GraB", "GroupedRows"]
@@ -280,6 +281,15 @@ class GraB:
         loss_reduction: ``"mean"`` if the loss averages over the batch (output
             gradients are scaled by ``B`` to recover per-example gradients) or
             ``"sum"``.
+        sketch_dim: None (default: exact balancing, the same orders as the
+            per-sample-gradient route) or ``k``: *approximate* balancing of a
+            seeded Kronecker sketch of each Linear / Conv / Embedding weight
+            gradient, ``S_out G_i S_in^T`` with Gaussian ``k x O`` and ``k x I``
+            matrices (sides of at most ``k`` entries stay exact), whose inner
+            products are unbiased estimates of the exact ones; balancing then
+            costs ``O(k^2)`` per layer instead of ``O(O I)``. Biases and
+            normalization parameters stay exact.
+        sketch_seed: seed of the sketch matrices (same seed, same orders).
         **sampler_kwargs: passed to :class:`~grabsampler.GraBSampler`.
 
     Example::
@@ -297,6 +307,8 @@ class GraB:
         balance_type: str = "mean",
         *,
         loss_reduction: str = "mean",
+        sketch_dim: int | None = None,
+        sketch_seed: int = 0,
         **sampler_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -304,6 +316,7 @@ class GraB:
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         self.loss_reduction = loss_reduction
+        self.sketch = None if sketch_dim is None else KronSketch(sketch_dim, sketch_seed)
         self.layers: list[tuple[str, nn.Module]] = []
         params: dict[str, Tensor] = {}
         kinds = (nn.Linear, *_CONVS, nn.Embedding)
@@ -322,7 +335,8 @@ class GraB:
                 "model has no trainable Linear, Conv1d/2d/3d, Embedding or normalization layer"
             )
         self.params = params
-        self.sampler = GraBSampler(data_source, params, balance_type, **sampler_kwargs)
+        balanced = params if self.sketch is None else self._sketched_params()
+        self.sampler = GraBSampler(data_source, balanced, balance_type, **sampler_kwargs)
         self._inputs: dict[int, list[Tensor]] = {}
         self._grads: dict[int, list[Tensor]] = {}
         self._handles = [
@@ -350,6 +364,28 @@ class GraB:
 
         return hook
 
+    def _sketched_params(self) -> dict[str, Tensor]:
+        """Placeholders with the sketched weights' sizes (other parameters as they are)."""
+        sk = self.sketch
+        assert sk is not None
+        out: dict[str, Tensor] = {}
+        for name, m in self.layers:
+            for n in _trainable(m):
+                p = getattr(m, n)
+                if n == "weight" and isinstance(m, nn.Embedding):
+                    shape = (sk.size(m.num_embeddings), sk.size(m.embedding_dim))
+                elif n == "weight" and isinstance(m, nn.Linear):
+                    shape = (sk.size(m.out_features), sk.size(m.in_features))
+                elif n == "weight" and isinstance(m, _CONVS):
+                    groups = int(m.groups)
+                    co = int(m.out_channels) // groups
+                    ci = p[0].numel()  # in_channels / groups * prod(kernel)
+                    shape = (groups * sk.size(co), sk.size(ci))
+                else:
+                    shape = tuple(p.shape)
+                out[f"{name}.{n}"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        return out
+
     def clear(self) -> None:
         """Drops the captured activations and gradients (e.g. after an eval pass)."""
         self._inputs.clear()
@@ -361,7 +397,9 @@ class GraB:
             h.remove()
         self._handles = []
 
-    def _layer_rows(self, m: nn.Module, xs: list[Tensor], gs: list[Tensor]) -> list[Rows]:
+    def _layer_rows(
+        self, m: nn.Module, xs: list[Tensor], gs: list[Tensor], layer: int = 0
+    ) -> list[Rows]:
         b = int(xs[0].shape[0])
         scale = float(b) if self.loss_reduction == "mean" else 1.0
         if isinstance(m, _NORMS):
@@ -381,6 +419,8 @@ class GraB:
             g = torch.cat([gi.reshape(b, -1, m.embedding_dim) for gi in gs], dim=1) * scale
             if m.padding_idx is not None:
                 g = g * (idx != m.padding_idx).unsqueeze(-1).to(g.dtype)
+            if self.sketch is not None:
+                return [DenseRows(self.sketch.embedding_rows(layer, idx, g, m.num_embeddings))]
             return [EmbeddingRows(idx, g, m.num_embeddings)]
         if isinstance(m, nn.Linear):
             a = _join([x.reshape(b, -1, m.in_features) for x in xs])
@@ -393,7 +433,9 @@ class GraB:
         a = a.to(g.dtype)
         rows: list[Rows]
         groups = int(getattr(m, "groups", 1))
-        if groups == 1:
+        if self.sketch is not None:
+            rows = [DenseRows(self.sketch.rows(layer, a, g, groups))]
+        elif groups == 1:
             rows = [FactoredRows(a, g)]
         else:
             ci, co = int(a.shape[2]) // groups, int(g.shape[2]) // groups
@@ -424,7 +466,7 @@ class GraB:
                         f"no captured output gradient for layer {name!r}: call step() after "
                         "loss.backward() of a training-mode forward pass"
                     )
-                rows.extend(self._layer_rows(m, xs, gs))
+                rows.extend(self._layer_rows(m, xs, gs, i))
         finally:
             self.clear()
         self.sampler._step_rows(rows)
