@@ -476,13 +476,26 @@ class AuxBank:
             wx_dev = torch.tensor(wx, dtype=self.dtype, device=self.device)
         lo, hi = changed[0], changed[-1] + 1
         contiguous = list(changed) == list(range(lo, hi))
+        # trailing rows of all-one weights add the plain sum of the batch rows, which
+        # some rows know already (hooks mode: a layer's own weight gradient)
+        ones = 0
+        if isinstance(wx, list):
+            while ones < len(wx) and all(v == 1.0 for v in wx[len(wx) - 1 - ones]):
+                ones += 1
+        keep = len(changed) - ones
         for g, blk, br in zip(self.groups, self.blocks, brows):
             # terms read the stored vectors as they were before this update
             old = {i: blk[i].clone() for _, i, _ in terms if i in changed}
             pairs = [(br, blk)] if br is not None else [(rows[i], self.buffers[i]) for i in g]
             for r, a in pairs:
                 into = getattr(r, "combine_into", None)
-                if contiguous and into is not None and a.is_contiguous():
+                known = ones and getattr(r, "row_sum", None) is not None
+                if contiguous and into is not None and a.is_contiguous() and known:
+                    if keep:
+                        into(a[lo : lo + keep], wx_dev[:keep])
+                    for i in range(lo + keep, hi):
+                        r.add_sum_into(a[i])  # type: ignore[attr-defined]
+                elif contiguous and into is not None and a.is_contiguous():
                     into(a[lo:hi], wx_dev)
                 else:
                     upd = r.combine(wx_dev).to(a.dtype)

@@ -50,6 +50,9 @@ class FactoredRows:
     def __init__(self, a: Tensor, g: Tensor) -> None:
         self.a = a
         self.g = g
+        #: ``(S, c)`` with ``c sum(S)`` the sum of the rows as an ``(O, I)`` matrix, when
+        #: known already (hooks mode: the layer's own weight gradients); None: not known
+        self.row_sum: tuple[list[Tensor], float] | None = None
         self.batch_size = int(a.shape[0])
         self.numel = int(g.shape[2] * a.shape[2])
         self._out, self._in = int(g.shape[2]), int(a.shape[2])
@@ -90,6 +93,16 @@ class FactoredRows:
         b, t = self.a.shape[0], self.a.shape[1]
         out = self._weighted(weights) @ self.a.reshape(b * t, self._in)
         return out.reshape(weights.shape[0], -1)
+
+    def add_sum_into(self, out: Tensor) -> bool:
+        """``out += sum_i x_i`` from :attr:`row_sum` (one memory pass); False if unknown."""
+        if self.row_sum is None:
+            return False
+        parts, scale = self.row_sum
+        view = out.view(self._out, self._in)
+        for p in parts:
+            view.add_(p, alpha=scale)
+        return True
 
     def combine_into(self, out: Tensor, weights: Tensor) -> None:
         """``out += combine(weights)`` without a temporary of the output's size."""
@@ -339,6 +352,9 @@ class GraB:
         self.sampler = GraBSampler(data_source, balanced, balance_type, **sampler_kwargs)
         self._inputs: dict[int, list[Tensor]] = {}
         self._grads: dict[int, list[Tensor]] = {}
+        #: per Linear layer and forward call: its own weight gradient and that
+        #: tensor's version when backward produced it (see ``_hook_weight_sum``)
+        self._wgrads: dict[int, list[tuple[Tensor | None, int] | None]] = {}
         self._handles = [
             m.register_forward_hook(self._make_hook(i)) for i, (_, m) in enumerate(self.layers)
         ]
@@ -361,8 +377,63 @@ class GraB:
                 lst[slot] = g.detach()
 
             output.register_hook(grad_hook)
+            if self.sketch is None and isinstance(module, nn.Linear) and x.dim() == 2:
+                self._hook_weight_sum(i, slot, module, output)
 
         return hook
+
+    def _hook_weight_sum(self, i: int, slot: int, module: nn.Linear, output: Tensor) -> None:
+        """Keeps this call's own weight gradient ``g^T a`` as backward computes it.
+
+        The sum of a batch's per-example weight gradients (what mean balance
+        adds to its epoch sum) is, up to the loss scaling, the weight gradient of
+        this call, which backward already computes in its ``AddmmBackward0`` /
+        ``MmBackward0`` node. A post-hook on that node keeps a reference to it and
+        its version counter, so that :meth:`step` adds it to the epoch sum (one
+        memory pass instead of an ``(O, B) @ (B, I)`` product). Only this call's
+        own contribution is taken (not other uses of the weight). If the tensor is
+        changed in place before :meth:`step` (autograd may hand it on as
+        ``.grad``, which gradient accumulation, clipping or an optimizer may
+        modify), its version moves and the product is used instead. The node is
+        recognised by its type and by its weight input leading (through the
+        transpose) to ``module.weight``; anything else is left to the product.
+        """
+        fn = output.grad_fn
+        if fn is None or type(fn).__name__ not in ("AddmmBackward0", "MmBackward0"):
+            return
+        pos = len(fn.next_functions) - 1  # mat2 = weight.T: the last input of both
+        t_node = fn.next_functions[pos][0]
+        if t_node is None or type(t_node).__name__ != "TBackward0":
+            return
+        acc = t_node.next_functions[0][0]
+        if getattr(acc, "variable", None) is not module.weight:
+            return
+        shape = tuple(module.weight.shape)
+
+        def sum_hook(grad_inputs: tuple[Any, ...], grad_outputs: tuple[Any, ...]) -> None:
+            lst = self._wgrads.setdefault(i, [])
+            while len(lst) <= slot:
+                lst.append(None)
+            gw = grad_inputs[pos]
+            # a second backward through the same call, or an unexpected shape: unusable
+            ok = lst[slot] is None and isinstance(gw, Tensor) and tuple(gw.shape) == shape[::-1]
+            lst[slot] = (gw.detach().T, gw._version) if ok else (None, -1)
+
+        fn.register_hook(sum_hook)
+
+    def _weight_sum(
+        self, layer: int, calls: int, scale: float
+    ) -> tuple[list[Tensor], float] | None:
+        """The captured weight gradients of all ``calls`` of a layer, if all are intact."""
+        got = self._wgrads.get(layer, [])
+        if len(got) != calls:
+            return None
+        out = []
+        for entry in got:
+            if entry is None or entry[0] is None or entry[0]._version != entry[1]:
+                return None
+            out.append(entry[0])
+        return out, scale
 
     def _sketched_params(self) -> dict[str, Tensor]:
         """Placeholders with the sketched weights' sizes (other parameters as they are)."""
@@ -390,6 +461,7 @@ class GraB:
         """Drops the captured activations and gradients (e.g. after an eval pass)."""
         self._inputs.clear()
         self._grads.clear()
+        self._wgrads.clear()
 
     def remove(self) -> None:
         """Detaches the hooks from the model."""
@@ -436,7 +508,10 @@ class GraB:
         if self.sketch is not None:
             rows = [DenseRows(self.sketch.rows(layer, a, g, groups))]
         elif groups == 1:
-            rows = [FactoredRows(a, g)]
+            fr = FactoredRows(a, g)
+            if isinstance(m, nn.Linear):
+                fr.row_sum = self._weight_sum(layer, len(xs), scale)
+            rows = [fr]
         else:
             ci, co = int(a.shape[2]) // groups, int(g.shape[2]) // groups
             parts = [
