@@ -120,3 +120,109 @@ def test_padded_factor_and_thin_solves_are_exact():
     for rows in (3, 16, 17, 40):
         X = torch.randn(rows, 128, dtype=torch.float64)
         torch.testing.assert_close(_solve_right(X, L, True), torch.linalg.solve(Ad, X.T).T)
+
+
+def _wide_mlp():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(6, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(),
+                         nn.Linear(40, 4))  # fmt: skip
+
+
+def _count_lowrank(monkeypatch):
+    from torchsso.curvature.shapes import Kron
+
+    calls = {"tried": 0, "used": 0}
+    orig = Kron.precondition_dot_lowrank
+
+    def counted(self, *args):
+        calls["tried"] += 1
+        out = orig(self, *args)
+        calls["used"] += out is not None
+        return out
+
+    monkeypatch.setattr(Kron, "precondition_dot_lowrank", counted)
+    return calls
+
+
+def _train_wide(lowrank, steps, scale_grads=None, dtype=torch.float32):
+    model = _wide_mlp().to(dtype)
+    opt = _opt(model)
+    if not lowrank:
+        opt._lowrank_enabled = False
+    for s in range(steps):
+        g = torch.Generator().manual_seed(100 + s)
+        x, y = torch.randn(8, 6, generator=g, dtype=dtype), torch.randint(0, 4, (8,), generator=g)
+        inner = ce_closure(opt, model, x, y)
+
+        def closure(inner=inner):
+            res = inner()
+            if scale_grads is not None:  # e.g. clipping inside the closure, after backward
+                for p in model.parameters():
+                    p.grad.mul_(scale_grads)
+            return res
+
+        opt.step(closure)
+    return model
+
+
+def test_lowrank_solves_match_the_general_path(monkeypatch):
+    # batch 8 < the 40-wide middle layer: its K-FAC solves act on the recorded rows,
+    # G^-1 (D^T X) A^-1 = (D G^-1)^T (X A^-1); the result must be the general path's
+    calls = _count_lowrank(monkeypatch)
+    m1 = _train_wide(True, 6, dtype=torch.float64)
+    assert calls["used"] == 6  # the middle layer, every step (the others: not cheaper)
+    m2 = _train_wide(False, 6, dtype=torch.float64)
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p1, p2, rtol=1e-10, atol=1e-12)
+    # float32: the parameter changes agree to float rounding (relative to their norm)
+    p0 = [p.detach() for p in _wide_mlp().parameters()]
+    m1, m2 = _train_wide(True, 6), _train_wide(False, 6)
+    for q, p1, p2 in zip(p0, m1.parameters(), m2.parameters()):
+        d1, d2 = p1.detach() - q, p2.detach() - q
+        assert float((d1 - d2).norm()) <= 1e-5 * float(d2.norm())
+
+
+def test_lowrank_rejects_a_gradient_changed_after_backward(monkeypatch):
+    # gradients scaled inside the closure are no longer D^T X: the product check refuses the
+    # recorded rows and the general path preconditions the scaled gradient
+    calls = _count_lowrank(monkeypatch)
+    m1 = _train_wide(True, 4, scale_grads=0.5)
+    assert calls["tried"] > 0 and calls["used"] == 0
+    m2 = _train_wide(False, 4, scale_grads=0.5)
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p1, p2)
+
+
+def test_lowrank_block_is_exact_and_checks_the_product():
+    torch.manual_seed(7)
+    lin = nn.Linear(30, 20).double()
+    opt = SecondOrderOptimizer(lin, "Fisher", "Kron", {"damping": 1e-3})
+    b = opt.blocks[0]
+    x, d = torch.randn(5, 30, dtype=torch.float64), torch.randn(5, 20, dtype=torch.float64)
+    xa = torch.cat([x, torch.ones(5, 1, dtype=torch.float64)], 1)
+    V = d.T @ xa
+    grads = [V[:, :30].clone(), V[:, 30].clone()]
+    a, g = torch.randn(40, 31, dtype=torch.float64), torch.randn(40, 20, dtype=torch.float64)
+    Ad, Gd = a.T @ a / 40 + 0.1 * torch.eye(31), g.T @ g / 40 + 0.2 * torch.eye(20)
+    inv = {"A_fac": torch.linalg.cholesky(Ad), "G_fac": torch.linalg.cholesky(Gd),
+           "fac_is_chol": torch.ones(2, dtype=torch.float64)}  # fmt: skip
+    probe = torch.randn(31, dtype=torch.float64)
+    res = b.precondition_dot_lowrank(inv, grads, x, d, probe)
+    assert res is not None
+    want = torch.linalg.solve(Gd, V) @ torch.linalg.inv(Ad)
+    got = torch.cat([res[0][0], res[0][1][:, None]], 1)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(res[1], (want * V).sum(), rtol=1e-10, atol=0.0)
+    # not the product of the rows (a changed weight gradient, a changed bias gradient, NaN)
+    bad_w = [grads[0] + 1e-3 * grads[0].abs().max(), grads[1]]
+    bad_b = [grads[0], grads[1] * 1.01]
+    nan = [grads[0].clone(), grads[1]]
+    nan[0][0, 0] = float("nan")
+    for gs in (bad_w, bad_b, nan):
+        assert b.precondition_dot_lowrank(inv, gs, x, d, probe) is None
+    # an explicit-inverse factor (the float64 / eigh fallback) takes the general path
+    inv2 = dict(inv, fac_is_chol=torch.tensor([1.0, 0.0], dtype=torch.float64))
+    assert b.precondition_dot_lowrank(inv2, grads, x, d, probe) is None
+    # more rows than the layer is wide: the general path is cheaper
+    x9, d9 = torch.randn(64, 30, dtype=torch.float64), torch.randn(64, 20, dtype=torch.float64)
+    assert b.precondition_dot_lowrank(inv, grads, x9, d9, probe) is None

@@ -47,6 +47,9 @@ class Record:
     kwargs: dict[str, Any]
     training: bool
     grads: list[tuple[Tensor, float]] = field(default_factory=list)
+    # gradient of the user's loss w.r.t. the module output (from the user's backward),
+    # kept only for the modules listed in ``Capture.loss_grad_modules``
+    loss_grad: Tensor | None = None
 
 
 def output_vectors(
@@ -143,6 +146,10 @@ class Capture:
         self.mc_samples = mc_samples
         self.generator = generator
         self.records: list[list[Record]] = [[] for _ in modules]
+        # indices of the modules whose output gradient of the user's loss is kept in
+        # ``Record.loss_grad`` (set by the optimizer)
+        self.loss_grad_modules: set[int] = set()
+        # (record, module output, module index if its loss gradient is kept else -1)
         self._pending: list[tuple[Record, Tensor, int]] = []
         self._batch_dims = batch_dims or [0] * len(modules)
         self._handles = []
@@ -178,15 +185,20 @@ class Capture:
             kw = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
             rec = Record(inputs, kw, module.training)
             self.records[index].append(rec)
+            keep = index in self.loss_grad_modules
             if self.curv_type == "Cov":
                 n = out.shape[bdim]
 
                 def grad_hook(go: Tensor) -> None:
                     rec.grads.append((go.detach() * n, 1.0))
+                    if keep:
+                        rec.loss_grad = go.detach()
 
                 out.register_hook(grad_hook)
             elif self.curv_type in ("Fisher", "GaussNewton"):
-                self._pending.append((rec, out, bdim))
+                # the loss-gradient hook (if kept) is registered by the model hook, after
+                # the curvature vectors have been back-propagated
+                self._pending.append((rec, out, index if keep else -1))
                 if isinstance(output, Tensor):
                     # hand the network a copy, so that an in-place op downstream (ReLU with
                     # inplace=True) cannot change the tensor the gradient is taken against
@@ -209,3 +221,13 @@ class Capture:
             grads = torch.autograd.grad(out, targets, v, retain_graph=True, allow_unused=True)
             for (rec, t, _), g in zip(pending, grads):
                 rec.grads.append((torch.zeros_like(t) if g is None else g, w))
+        for rec, t, keep in pending:
+            if keep >= 0:
+                t.register_hook(_loss_grad_hook(rec))
+
+
+def _loss_grad_hook(rec: Record):
+    def hook(go: Tensor) -> None:
+        rec.loss_grad = go.detach()
+
+    return hook

@@ -97,6 +97,18 @@ class LayerCurvature:
         out = self.precondition(inv, grads)
         return out, sum((u * g).sum() for u, g in zip(out, grads))  # type: ignore[return-value]
 
+    def precondition_dot_lowrank(
+        self,
+        inv: dict[str, Tensor],
+        grads: list[Tensor],
+        x: Tensor,
+        delta: Tensor,
+        probe: Tensor,
+    ) -> tuple[list[Tensor], Tensor] | None:
+        """:meth:`precondition_dot` from the step's recorded rows (input ``x``, loss gradient
+        ``delta`` of the output) where the block supports it; ``None``: not available."""
+        return None
+
     def sample(
         self, inv: dict[str, Tensor], scale: float, gen: torch.Generator | None
     ) -> list[Tensor]:
@@ -327,6 +339,28 @@ def _solve_right(X: Tensor, F: Tensor, chol: bool) -> Tensor:
     return torch.linalg.solve_triangular(F, X, upper=False, left=False)
 
 
+def _half_solve(X: Tensor, L: Tensor, trans: bool) -> Tensor:
+    """``X L^-T`` (``trans``) or ``X L^-1`` for a lower triangular ``L``: right-sided
+    triangular solves, or left-sided ones on ``X^T`` for thin ``X`` (as :func:`_solve_right`)."""
+    if X.shape[0] <= 16:
+        if trans:
+            return torch.linalg.solve_triangular(L, X.T, upper=False).T
+        return torch.linalg.solve_triangular(L.T, X.T, upper=True).T
+    if trans:
+        return torch.linalg.solve_triangular(L.T, X, upper=True, left=False)
+    return torch.linalg.solve_triangular(L, X, upper=False, left=False)
+
+
+def _chol_solve_right(X: Tensor, L: Tensor) -> Tensor:
+    """``X (L L^T)^-1``."""
+    return _half_solve(_half_solve(X, L, True), L, False)
+
+
+# relative tolerance of the check that a layer's gradient is the product of the recorded
+# rows (float32 rounding of the two products is ~1e-6 relative)
+LOWRANK_RTOL = 1e-4
+
+
 def _pi(A_tr: Tensor, A_dim: int, G_tr: Tensor, G_dim: int, pi_type: str) -> float:
     if pi_type != "trace_norm":
         return 1.0
@@ -487,6 +521,54 @@ class Kron(LayerCurvature):
         else:
             U = inv["G_inv"] @ V @ inv["A_inv"]
         return split_matrix(self.module, U, grads), (U * V).sum()
+
+    def precondition_dot_lowrank(
+        self,
+        inv: dict[str, Tensor],
+        grads: list[Tensor],
+        x: Tensor,
+        delta: Tensor,
+        probe: Tensor,
+    ) -> tuple[list[Tensor], Tensor] | None:
+        """:meth:`precondition_dot` for a ``Linear`` layer whose gradient is the product
+        ``V = D^T X_a`` of the rows recorded in this step (``D``: the gradients of the loss
+        w.r.t. the layer outputs, ``X_a``: the inputs with a ones column for the bias), when
+        that is cheaper: with ``r`` rows (the batch) fewer than the layer's sizes,
+        ``G^-1 V A^-1 = (D G^-1)^T (X_a A^-1)`` needs triangular solves with ``r`` right-hand
+        sides per factor (instead of ``k`` and ``out``) and one product.
+
+        Returns ``None`` (the caller takes the general path) unless the factors are
+        Cholesky factors, the rows are there and cheaper, and the gradient really is that
+        product: ``V z = D^T (X_a z)`` is checked for the random vector ``probe`` (length
+        ``k``; Freivalds' test, to :data:`LOWRANK_RTOL`), so a gradient changed after the
+        backward pass (clipping, weight tying, accumulation) is never preconditioned
+        through stale rows."""
+        m = self.module
+        if not isinstance(m, nn.Linear) or "A_fac" not in inv or x.dim() == 0:
+            return None
+        k, out = m.in_features + (m.bias is not None), m.out_features
+        r = x.numel() // max(x.shape[-1], 1)
+        # triangular-solve work (rows x n^2 per solve, two per factor) of both forms, the
+        # product D^T X_a counted at half weight (GEMM runs at about twice the speed)
+        if r * (k * k + out * out) + out * k * r / 2 > 0.8 * out * k * (k + out):
+            return None
+        V = matrix_grad(m, grads)
+        if x.dtype != V.dtype or delta.dtype != V.dtype or delta.numel() != r * out:
+            return None
+        ca, cg = inv["fac_is_chol"].tolist()
+        if not (ca and cg):
+            return None
+        a, _ = kron_input(m, x)
+        d = kron_output(m, delta)
+        z = probe.to(dtype=V.dtype, device=V.device)
+        lhs = V @ z
+        err = torch.linalg.vector_norm(lhs - d.T @ (a @ z))
+        if not bool(err <= LOWRANK_RTOL * torch.linalg.vector_norm(lhs)):  # NaN: False
+            return None
+        P = _chol_solve_right(d, inv["G_fac"])  # D G^-1, (r, out)
+        Q = _chol_solve_right(a, inv["A_fac"])  # X_a A^-1, (r, k)
+        U = P.T @ Q
+        return split_matrix(m, U, grads), (U * V).sum()
 
     def quad(self, f: dict[str, Tensor], vs: list[Tensor]) -> Tensor:
         # vec(V)^T (A (x) G) vec(V) = tr(V^T G V A)

@@ -313,6 +313,18 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             self.generator,
             [b.bdim for b in self.blocks],
         )
+        # every-step K-FAC: a Linear layer's gradient is D^T X of the rows the curvature
+        # records anyway, so with fewer rows than the layer's sizes the Kronecker solves
+        # can act on those rows (Kron.precondition_dot_lowrank, which checks the product)
+        self._lowrank_enabled = (
+            self._every_step and acc_steps == 1 and curv_type != "Hessian" and not self._ddp
+        )
+        self._lowrank_rows: dict[int, tuple[Tensor, Tensor]] = {}
+        self._probe_gen = torch.Generator().manual_seed(seed + 1)
+        if self._lowrank_enabled:
+            self.capture.loss_grad_modules = {
+                i for i, b in enumerate(self.blocks) if isinstance(b.module, nn.Linear)
+            }
 
     # ------------------------------------------------------------------ helpers
     def _anchor(self, block: LayerCurvature) -> dict[str, Any]:
@@ -418,6 +430,19 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             return ests
         return [b.estimate(recs) for b, recs in zip(self.blocks, self.capture.records)]
 
+    def _keep_lowrank_rows(self) -> None:
+        """Keep, per block, the input and loss gradient of the step's single forward call
+        (for :meth:`Kron.precondition_dot_lowrank`)."""
+        self._lowrank_rows = {}
+        if not self._lowrank_enabled or is_distributed():
+            return
+        for i in self.capture.loss_grad_modules:
+            recs = self.capture.records[i]
+            if len(recs) == 1 and recs[0].loss_grad is not None and recs[0].inputs:
+                x = recs[0].inputs[0]
+                if isinstance(x, Tensor):
+                    self._lowrank_rows[i] = (x, recs[0].loss_grad)
+
     def _update_curvature(self) -> bool:
         ests = self._estimates()
         self.capture.clear()
@@ -521,7 +546,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         # pass 1: precondition every block; per block the dot u . v (u = C^-1 v, >= 0) both
         # drives the KL clipping and, summed, detects a non-finite update with one host read
         pre: list[tuple[dict[str, Any], LayerCurvature, list[Tensor], list[Tensor], Tensor]] = []
-        for group, b in zip(self.param_groups, self.blocks):
+        rows, self._lowrank_rows = self._lowrank_rows, {}
+        for i, (group, b) in enumerate(zip(self.param_groups, self.blocks)):
             params = group["params"]
             if all(p.grad is None for p in params):
                 continue
@@ -543,7 +569,13 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             if inv is None:
                 upd, dot = vs, sum((v * v).sum() for v in vs)
             else:
-                upd, dot = b.precondition_dot(inv, vs)
+                res = None
+                if i in rows and vs is grads and not l2:
+                    probe = torch.randn(
+                        grads[0].shape[-1] + len(grads) - 1, generator=self._probe_gen
+                    )
+                    res = b.precondition_dot_lowrank(inv, vs, *rows[i], probe)
+                upd, dot = b.precondition_dot(inv, vs) if res is None else res
             pre.append((group, b, vs, upd, dot * group["lr"] ** 2))  # type: ignore[operator]
         if not pre:
             return
@@ -742,6 +774,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         finally:
             self.capture.active = False
         damping = self.current_damping(k)
+        if upd_curv:
+            self._keep_lowrank_rows()
         updated = self._update_curvature() if upd_curv else False
         self.capture.clear()
         self._sync_grads()
