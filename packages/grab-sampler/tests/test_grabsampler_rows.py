@@ -69,6 +69,30 @@ def test_stored_cross_matches_product_and_falls_back(monkeypatch):
     assert _rows._ONEDNN[0] is None  # disabled after the failure
 
 
+def test_factored_cross_through_onednn_matches_product_and_falls_back(monkeypatch):
+    """Hooks mode's ``<G_i, V_k>`` of a wide float32 layer (oneDNN) and its fallback."""
+    from grabsampler.hooks import FactoredRows
+
+    monkeypatch.setattr(_rows, "ONEDNN_COLS", 64)
+    available = _rows._ONEDNN[0] is not None
+    gen = torch.Generator().manual_seed(12)
+    a = torch.randn(5, 1, 9, generator=gen)
+    g = torch.randn(5, 1, 8, generator=gen)
+    aux = torch.randn(2, 8 * 9, generator=gen)
+    dense = torch.einsum("bo,bi->boi", g[:, 0].double(), a[:, 0].double()).reshape(5, -1)
+    want = (dense @ aux.double().T).float()
+    rows = FactoredRows(a, g)
+    torch.testing.assert_close(rows.cross(aux), want, rtol=1e-5, atol=1e-4)
+    assert (_rows._ONEDNN[0] is not None) == available  # used, not disabled
+
+    def broken(*args):
+        raise RuntimeError("no oneDNN here")
+
+    monkeypatch.setattr(_rows, "_ONEDNN", [broken])
+    torch.testing.assert_close(rows.cross(aux), want, rtol=1e-5, atol=1e-4)
+    assert _rows._ONEDNN[0] is None  # disabled after the failure
+
+
 def _state_equal(a, b):
     if isinstance(a, torch.Tensor):
         return torch.equal(a, b)

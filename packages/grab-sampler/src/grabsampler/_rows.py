@@ -29,6 +29,7 @@ __all__ = [
     "SPLIT_COLS",
     "DenseRows",
     "Rows",
+    "onednn_mm",
     "rows_from_grads",
     "split_mm",
     "stored_cross",
@@ -86,6 +87,34 @@ def _onednn_linear() -> Any:
 _ONEDNN: list[Any] = [_onednn_linear()]
 
 
+def onednn_mm(inp: Tensor, weight: Tensor) -> Tensor | None:
+    """``inp @ weight.T`` through torch's oneDNN linear operator, or None where not taken.
+
+    Taken for contiguous float32 CPU tensors while the operator works; a
+    failure disables it for good (the caller then takes a plain product).
+    """
+    op = _ONEDNN[0]
+    if (
+        op is None
+        or inp.dtype != torch.float32
+        or weight.dtype != torch.float32
+        or inp.device.type != "cpu"
+        or weight.device.type != "cpu"
+        or not inp.is_contiguous()
+        or not weight.is_contiguous()
+    ):
+        return None
+    try:
+        out = op(inp, weight, None, "none", [], "")
+    except (RuntimeError, NotImplementedError, TypeError):
+        _ONEDNN[0] = None
+        return None
+    if isinstance(out, Tensor) and out.shape == (inp.shape[0], weight.shape[0]):
+        return out
+    _ONEDNN[0] = None
+    return None
+
+
 def stored_cross(act: Tensor, x: Tensor) -> Tensor:
     """``act @ x.T``: the ``(k, B)`` inner products of ``k`` stored vectors with ``B`` rows.
 
@@ -94,27 +123,13 @@ def stored_cross(act: Tensor, x: Tensor) -> Tensor:
     linear operator streams the rows at memory speed (measured: 3.0 ms against
     6 ms at ``n`` = 1M, ``B`` = 16, one thread). It is used for contiguous
     float32 CPU rows of at least :data:`ONEDNN_COLS` columns where torch
-    provides it; any failure falls back to :func:`split_mm` for good.
+    provides it (:func:`onednn_mm`); any failure falls back to :func:`split_mm`
+    for good.
     """
-    op = _ONEDNN[0]
-    if (
-        op is not None
-        and x.dtype == torch.float32
-        and act.dtype == torch.float32
-        and x.device.type == "cpu"
-        and act.device.type == "cpu"
-        and int(x.shape[1]) >= ONEDNN_COLS
-        and x.is_contiguous()
-        and act.is_contiguous()
-    ):
-        try:
-            out = op(act, x, None, "none", [], "")
-        except (RuntimeError, NotImplementedError, TypeError):
-            _ONEDNN[0] = None
-        else:
-            if isinstance(out, Tensor) and out.shape == (act.shape[0], x.shape[0]):
-                return out
-            _ONEDNN[0] = None
+    if int(x.shape[1]) >= ONEDNN_COLS:
+        out = onednn_mm(act, x)
+        if out is not None:
+            return out
     return split_mm(act, x)
 
 

