@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import io
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -354,8 +355,26 @@ def _mixed_params() -> list[torch.nn.Parameter]:
     return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
 
 
-def test_non_update_steps_match_the_general_path() -> None:
+def _synchronised_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every non-update step take the accelerator-style path (one host sync for all
+    gradient checks, one for all norms) instead of the per-parameter CPU path."""
+    build = psgd.Kron._build_plan
+
+    def build_sync(self: psgd.Kron) -> Any:
+        plan = build(self)
+        self._plan_cpu = False
+        return plan
+
+    monkeypatch.setattr(psgd.Kron, "_build_plan", build_sync)
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["per-parameter", "synchronised"])
+def test_non_update_steps_match_the_general_path(
+    sync: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The cached non-update path gives bit-identical results to the general step."""
+    if sync:
+        _synchronised_plan(monkeypatch)
     runs = []
     for fast in (True, False):
         params = _mixed_params()
@@ -386,7 +405,12 @@ def test_non_update_steps_match_the_general_path() -> None:
             assert torch.equal(value, sb["state"][key][name]), name
 
 
-def test_non_finite_gradient_on_a_non_update_step() -> None:
+@pytest.mark.parametrize("sync", [False, True], ids=["per-parameter", "synchronised"])
+def test_non_finite_gradient_on_a_non_update_step(
+    sync: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if sync:
+        _synchronised_plan(monkeypatch)
     params = _mixed_params()[:3]
     opt = psgd.Kron(params, lr=0.05, preconditioner_update_probability=1.0)
     for _ in range(3):

@@ -110,3 +110,28 @@ def test_solve_along_each_dimension(dtype: torch.dtype) -> None:
     torch.testing.assert_close(L.solve_upper_h_along(q, x, 1), x @ m.mT)
     x3 = torch.randn(2, 6, 3, generator=gen, dtype=dtype)
     torch.testing.assert_close(L.solve_upper_h_along(q, x3, 1), L.apply_along(m, x3, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_fresh_block_products_ignore_the_outputs_old_contents(dtype: torch.dtype) -> None:
+    """``fresh=True`` writes each block's first product with ``beta=0``: NaN garbage in the
+    output is never read, and the result equals accumulating into zeros exactly."""
+    gen = torch.Generator().manual_seed(3)
+    n = 29
+    t = torch.randn(n, n, generator=gen, dtype=dtype)
+    x = torch.randn(n, 6, generator=gen, dtype=dtype)
+    a = torch.randn(n, 9, generator=gen, dtype=dtype)
+    for upper in (True, False):
+        tri = torch.triu(t) if upper else torch.tril(t)
+        got = torch.full((n, 6), float("nan"), dtype=dtype)
+        L._tri_left_acc(got, tri, x, upper=upper, fresh=True)
+        want = torch.zeros(n, 6, dtype=dtype)
+        L._tri_left_acc(want, tri, x, upper=upper)
+        assert torch.equal(got, want)
+        torch.testing.assert_close(got, tri @ x, rtol=1e-12, atol=1e-12)
+    got = torch.full((n, n), float("nan"), dtype=dtype)
+    L._herm_acc(got, a, a.mH, fresh=True)
+    want = torch.zeros(n, n, dtype=dtype)
+    L._herm_acc(want, a, a.mH)
+    assert torch.equal(L._mirror_(got), L._mirror_(want))
+    torch.testing.assert_close(got, a @ a.mH, rtol=1e-12, atol=1e-12)

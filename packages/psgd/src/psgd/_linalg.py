@@ -173,23 +173,32 @@ def herm_mm(a: Tensor, b: Tensor) -> Tensor:
     n = a.shape[0]
     if n < 2 * _BLOCK:
         return a @ b
-    # accumulate into zeros: a product into uninitialised memory (beta=0) can hit
-    # NaN/denormal garbage and a much slower BLAS path
-    out = torch.zeros(n, n, dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
-    _herm_acc(out, a, b)
+    out = torch.empty(n, n, dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
+    _herm_acc(out, a, b, fresh=True)
     return _mirror_(out)
 
 
-def _herm_acc(out: Tensor, a: Tensor, b: Tensor) -> None:
-    """``out += a @ b`` on the diagonal and upper off-diagonal blocks only."""
+def _beta(fresh: bool) -> float:
+    """``beta`` of a block product: 0 writes a block not touched yet (its old contents,
+    garbage from ``torch.empty``, are not read), 1 accumulates.
+
+    Writing the first product of a block with ``beta=0`` gives the same numbers as
+    adding it to zeros (``0 + x == x``; only the sign of a zero may differ) without a
+    zero-fill pass over the output.
+    """
+    return 0.0 if fresh else 1.0
+
+
+def _herm_acc(out: Tensor, a: Tensor, b: Tensor, fresh: bool = False) -> None:
+    """``out += a @ b`` (``fresh``: ``out = a @ b``) on the diagonal and upper off-diagonal blocks."""
     n = out.shape[0]
     if n < 2 * _BLOCK:
-        out.addmm_(a, b)
+        out.addmm_(a, b, beta=_beta(fresh))
         return
     h = n // 2
-    _herm_acc(out[:h, :h], a[:h], b[:, :h])
-    out[:h, h:].addmm_(a[:h], b[:, h:])
-    _herm_acc(out[h:, h:], a[h:], b[:, h:])
+    _herm_acc(out[:h, :h], a[:h], b[:, :h], fresh)
+    out[:h, h:].addmm_(a[:h], b[:, h:], beta=_beta(fresh))
+    _herm_acc(out[h:, h:], a[h:], b[:, h:], fresh)
 
 
 def triu_addmm_(out: Tensor, u: Tensor, q: Tensor, alpha: float) -> Tensor:
@@ -219,20 +228,19 @@ def gram_triu_into(out: Tensor, q: Tensor) -> Tensor:
         if out.is_contiguous():
             return torch.mm(q.mH, q, out=out)
         return out.copy_(q.mH @ q)
-    out.zero_()
-    _gram_triu_acc(out, q)
+    _gram_triu_acc(out, q, fresh=True)
     return _mirror_(out)
 
 
-def _gram_triu_acc(out: Tensor, q: Tensor) -> None:
+def _gram_triu_acc(out: Tensor, q: Tensor, fresh: bool = False) -> None:
     n = out.shape[0]
     if n < 2 * _BLOCK:
-        out.addmm_(q.mH, q)
+        out.addmm_(q.mH, q, beta=_beta(fresh))
         return
     h = n // 2
-    _gram_triu_acc(out[:h, :h], q[:h, :h])
-    out[:h, h:].addmm_(q[:h, :h].mH, q[:h, h:])
-    _gram_triu_acc(out[h:, h:], q[h:, h:])
+    _gram_triu_acc(out[:h, :h], q[:h, :h], fresh)
+    out[:h, h:].addmm_(q[:h, :h].mH, q[:h, h:], beta=_beta(fresh))
+    _gram_triu_acc(out[h:, h:], q[h:, h:], fresh)
     _herm_acc(out[h:, h:], q[:h, h:].mH, q[:h, h:])
 
 
@@ -241,8 +249,8 @@ def triu_left_mm(q: Tensor, x: Tensor) -> Tensor:
     n = q.shape[0]
     if n < 2 * _BLOCK:
         return q @ x
-    out = torch.zeros(n, x.shape[1], dtype=torch.promote_types(q.dtype, x.dtype), device=x.device)
-    _tri_left_acc(out, q, x, upper=True)
+    out = torch.empty(n, x.shape[1], dtype=torch.promote_types(q.dtype, x.dtype), device=x.device)
+    _tri_left_acc(out, q, x, upper=True, fresh=True)
     return out
 
 
@@ -251,24 +259,25 @@ def triu_right_mm_t(x: Tensor, q: Tensor) -> Tensor:
     n = q.shape[0]
     if n < 2 * _BLOCK:
         return x @ q.mT
-    out = torch.zeros(x.shape[0], n, dtype=torch.promote_types(q.dtype, x.dtype), device=x.device)
-    _tri_left_acc(out.mT, q, x.mT, upper=True)  # (x q^T)^T = q x^T
+    out = torch.empty(x.shape[0], n, dtype=torch.promote_types(q.dtype, x.dtype), device=x.device)
+    _tri_left_acc(out.mT, q, x.mT, upper=True, fresh=True)  # (x q^T)^T = q x^T
     return out
 
 
-def _tri_left_acc(out: Tensor, t: Tensor, x: Tensor, *, upper: bool) -> None:
-    """``out += t @ x`` for a triangular ``t`` (upper or lower), zero blocks skipped."""
+def _tri_left_acc(out: Tensor, t: Tensor, x: Tensor, *, upper: bool, fresh: bool = False) -> None:
+    """``out += t @ x`` (``fresh``: ``out = t @ x``) for a triangular ``t``, zero blocks skipped."""
     n = t.shape[0]
     if n < 2 * _BLOCK:
-        out.addmm_(t, x)
+        out.addmm_(t, x, beta=_beta(fresh))
         return
     h = n // 2
-    _tri_left_acc(out[:h], t[:h, :h], x[:h], upper=upper)
+    _tri_left_acc(out[:h], t[:h, :h], x[:h], upper=upper, fresh=fresh)
     if upper:
         out[:h].addmm_(t[:h, h:], x[h:])
-    else:
-        out[h:].addmm_(t[h:, :h], x[:h])
-    _tri_left_acc(out[h:], t[h:, h:], x[h:], upper=upper)
+        _tri_left_acc(out[h:], t[h:, h:], x[h:], upper=upper, fresh=fresh)
+    else:  # the rows below are written first by the off-diagonal block
+        out[h:].addmm_(t[h:, :h], x[:h], beta=_beta(fresh))
+        _tri_left_acc(out[h:], t[h:, h:], x[h:], upper=upper)
 
 
 def triu_t_left_mm(q: Tensor, x: Tensor) -> Tensor:
@@ -276,8 +285,8 @@ def triu_t_left_mm(q: Tensor, x: Tensor) -> Tensor:
     n = q.shape[0]
     if n < 2 * _BLOCK:
         return q.mH @ x
-    out = torch.zeros(n, x.shape[1], dtype=torch.promote_types(q.dtype, x.dtype), device=x.device)
-    _tri_left_acc(out, q.mH, x, upper=False)
+    out = torch.empty(n, x.shape[1], dtype=torch.promote_types(q.dtype, x.dtype), device=x.device)
+    _tri_left_acc(out, q.mH, x, upper=False, fresh=True)
     return out
 
 
@@ -286,6 +295,8 @@ def triu_right_mm(x: Tensor, u: Tensor) -> Tensor:
     n = u.shape[0]
     if n < 2 * _BLOCK:
         return x @ u
-    out = torch.zeros(x.shape[0], n, dtype=torch.promote_types(u.dtype, x.dtype), device=x.device)
-    _tri_left_acc(out.mT, u.mT, x.mT, upper=False)  # (x u)^T = u^T x^T, u^T lower-triangular
+    out = torch.empty(x.shape[0], n, dtype=torch.promote_types(u.dtype, x.dtype), device=x.device)
+    _tri_left_acc(
+        out.mT, u.mT, x.mT, upper=False, fresh=True
+    )  # (x u)^T = u^T x^T, u^T lower-triangular
     return out

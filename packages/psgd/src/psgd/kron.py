@@ -167,6 +167,7 @@ class Kron(PSGDBase):
         self._ownership = Ownership(distributed)
         self._plan: list[_Entry] | None = None
         self._fresh: list[Tensor] = []
+        self._plan_cpu = False  # every plan entry on CPU and unbatched: per-parameter passes
         # "EQ" parameters whose stored dense factors hold the triangular Q_i of the last
         # update instead of P_i: P_i is formed only when a non-update step needs it
         self._q_form: set[Tensor] = set()
@@ -442,6 +443,7 @@ class Kron(PSGDBase):
         self._fresh = fresh
         if self._batch:
             _batch_entries(plan, cpu=self._batch_cpu)
+        self._plan_cpu = all(e.batch is None and e.p.device.type == "cpu" for e in plan)
         return plan
 
     def _plain_step(self) -> bool:
@@ -449,8 +451,11 @@ class Kron(PSGDBase):
 
         Per-parameter metadata (working shape, the ``P_i`` to apply, buffers) is cached
         in a plan that is rebuilt after every general step and on ``load_state_dict``.
-        One host sync checks every gradient (a sum is finite iff its terms are, barring
-        overflow, which falls back to the exact check); one more reads every RMS.
+        Gradients are checked by their sum (finite iff its terms are, barring overflow,
+        which falls back to the exact check). On CPU each parameter is then done in one
+        go (check, momentum, ``P_1 M P_2``, its norm, the update) while its tensors are
+        still in cache, host reads being free there; elsewhere one host sync checks
+        every gradient and one more reads every RMS.
         Returns False, having changed nothing, when the general path must run
         (a parameter without state, DTensor parameters).
         """
@@ -471,6 +476,10 @@ class Kron(PSGDBase):
                 live.append((e, g))
         if not live:
             return True
+        if self._plan_cpu:
+            for e, g in live:
+                self._plain_one(e, g)
+            return True
         sums = torch.stack([g.sum() for _, g in live])
         if not bool(torch.isfinite(sums).all()):
             finite = _all_finite([g for _, g in live])
@@ -486,15 +495,8 @@ class Kron(PSGDBase):
         order: list[tuple[_Entry, Tensor]] = []
         for e, g in singles:
             e.step += 1
-            mom = e.mom
-            g = g.reshape(e.shape) if g.shape != e.shape else g
-            mom.lerp_(g if g.dtype == mom.dtype else g.to(mom.dtype), 1 - e.group["b1"])
-            mats = e.mats
-            pre = self._precondition(
-                mom if mom.dtype == mats[0].dtype else mom.to(mats[0].dtype), mats
-            )
-            order.append((e, pre))
-            norms_t.append(torch.linalg.vector_norm(pre).reshape(1))
+            order.append((e, self._plain_pre(e, g)))
+            norms_t.append(torch.linalg.vector_norm(order[-1][1]).reshape(1))
         for b, items in batches:
             moms = []
             for e, g in items:
@@ -508,18 +510,31 @@ class Kron(PSGDBase):
             norms_t.append(torch.linalg.vector_norm(pre.reshape(len(items), -1), dim=1))
         norms = torch.cat(norms_t).tolist()
         for (e, pre), nrm in zip(order, norms):
-            group, p = e.group, e.p
-            inv_bc = 1.0 / (1 - group["b1"] ** e.step)
-            rms = nrm / math.sqrt(pre.numel()) * inv_bc
-            scale = inv_bc * min(1.0, group["clip_update_rms"] / (rms + 1e-12))
-            if group["weight_decay"] != 0 and p.dim() >= 2:
-                p.add_(p, alpha=-group["lr"] * group["weight_decay"])
-            update = pre.view(p.shape)
-            p.add_(
-                update if update.dtype == p.dtype else update.to(p.dtype),
-                alpha=-group["lr"] * scale,
-            )
+            _apply_update(e.group, e.p, pre, nrm, e.step)
         return True
+
+    def _plain_pre(self, e: _Entry, g: Tensor) -> Tensor:
+        """Momentum update (in place) and ``P m`` of one plan entry."""
+        mom = e.mom
+        g = g.reshape(e.shape) if g.shape != e.shape else g
+        mom.lerp_(g if g.dtype == mom.dtype else g.to(mom.dtype), 1 - e.group["b1"])
+        mats = e.mats
+        m = mom if mom.dtype == mats[0].dtype else mom.to(mats[0].dtype)
+        if e.two_mm and self._precondition is F.precondition:  # its 2-D dense case, inline
+            return torch.mm(torch.mm(mats[0], m), mats[1].mT)
+        return self._precondition(m, mats)
+
+    def _plain_one(self, e: _Entry, g: Tensor) -> None:
+        """One CPU parameter of a non-update step: check, momentum, ``P m``, norm, update."""
+        s = g.sum()
+        ok = bool(torch.isfinite(s)) if s.is_complex() else math.isfinite(float(s))
+        if not ok and not _all_finite([g])[0]:
+            self._warn_nonfinite(self._param_name(e.group, e.index, e.p))
+            return
+        e.step_t.add_(1)
+        e.step += 1
+        pre = self._plain_pre(e, g)
+        _apply_update(e.group, e.p, pre, float(torch.linalg.vector_norm(pre)), e.step)
 
     @staticmethod
     def _fused(group: dict[str, Any]) -> bool:
@@ -543,6 +558,7 @@ class _Entry:
         "state",
         "step",
         "step_t",
+        "two_mm",
     )
 
     def __init__(
@@ -560,6 +576,8 @@ class _Entry:
         self.group, self.index, self.p, self.state = group, index, p, state
         self.mom, self.step_t, self.step, self.mats, self.shape = mom, step_t, step, mats, shape
         self.batch: _Batch | None = None
+        # 2-D with two dense factors: P_1 M P_2 as two torch.mm, as F.precondition does
+        self.two_mm = len(mats) == 2 and mats[0].dim() == 2 and mats[1].dim() == 2
 
 
 class _Batch:
@@ -675,6 +693,21 @@ def _split_batches(
         else:
             singles.extend(items)
     return singles, batches
+
+
+def _apply_update(group: dict[str, Any], p: Tensor, pre: Tensor, nrm: float, step: int) -> None:
+    """Decoupled weight decay and the debiased, RMS-clipped update of a non-update step.
+
+    ``nrm`` is ``||pre||``: debias (1/bc) and clip the RMS in one scalar,
+    ``s = min(1/bc, clip / rms(P m))`` (the general path's formula).
+    """
+    inv_bc = 1.0 / (1 - group["b1"] ** step)
+    rms = nrm / math.sqrt(pre.numel()) * inv_bc
+    scale = inv_bc * min(1.0, group["clip_update_rms"] / (rms + 1e-12))
+    if group["weight_decay"] != 0 and p.dim() >= 2:
+        p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+    update = pre.view(p.shape)
+    p.add_(update if update.dtype == p.dtype else update.to(p.dtype), alpha=-group["lr"] * scale)
 
 
 def _full(t: Tensor) -> Tensor:
