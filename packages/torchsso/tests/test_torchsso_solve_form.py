@@ -213,6 +213,12 @@ def test_lowrank_block_is_exact_and_checks_the_product():
     got = torch.cat([res[0][0], res[0][1][:, None]], 1)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(res[1], (want * V).sum(), rtol=1e-10, atol=0.0)
+    # the same with explicit inverses (curvature steps of K-FAC with an inverse interval)
+    inv_e = {"A_inv": torch.linalg.inv(Ad), "G_inv": torch.linalg.inv(Gd)}
+    res_e = b.precondition_dot_lowrank(inv_e, grads, x, d, probe)
+    assert res_e is not None
+    got = torch.cat([res_e[0][0], res_e[0][1][:, None]], 1)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     # not the product of the rows (a changed weight gradient, a changed bias gradient, NaN)
     bad_w = [grads[0] + 1e-3 * grads[0].abs().max(), grads[1]]
     bad_b = [grads[0], grads[1] * 1.01]
@@ -220,6 +226,7 @@ def test_lowrank_block_is_exact_and_checks_the_product():
     nan[0][0, 0] = float("nan")
     for gs in (bad_w, bad_b, nan):
         assert b.precondition_dot_lowrank(inv, gs, x, d, probe) is None
+        assert b.precondition_dot_lowrank(inv_e, gs, x, d, probe) is None
     # an explicit-inverse factor (the float64 / eigh fallback) takes the general path
     inv2 = dict(inv, fac_is_chol=torch.tensor([1.0, 0.0], dtype=torch.float64))
     assert b.precondition_dot_lowrank(inv2, grads, x, d, probe) is None

@@ -146,9 +146,10 @@ class Capture:
         self.mc_samples = mc_samples
         self.generator = generator
         self.records: list[list[Record]] = [[] for _ in modules]
-        # indices of the modules whose output gradient of the user's loss is kept in
-        # ``Record.loss_grad`` (set by the optimizer)
-        self.loss_grad_modules: set[int] = set()
+        # index -> most rows: the modules whose output gradient of the user's loss is kept in
+        # ``Record.loss_grad`` (set by the optimizer) when the output has at most that many
+        # rows
+        self.loss_grad_modules: dict[int, int] = {}
         # (record, module output, module index if its loss gradient is kept else -1)
         self._pending: list[tuple[Record, Tensor, int]] = []
         self._batch_dims = batch_dims or [0] * len(modules)
@@ -185,7 +186,8 @@ class Capture:
             kw = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
             rec = Record(inputs, kw, module.training)
             self.records[index].append(rec)
-            keep = index in self.loss_grad_modules
+            max_rows = self.loss_grad_modules.get(index, -1)
+            keep = out.dim() > 0 and out.numel() <= max_rows * out.shape[-1]
             if self.curv_type == "Cov":
                 n = out.shape[bdim]
 

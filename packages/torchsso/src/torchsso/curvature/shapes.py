@@ -97,6 +97,12 @@ class LayerCurvature:
         out = self.precondition(inv, grads)
         return out, sum((u * g).sum() for u, g in zip(out, grads))  # type: ignore[return-value]
 
+    def lowrank_max_rows(self, solve: bool) -> int:
+        """The most rows (examples x positions) for which :meth:`precondition_dot_lowrank`
+        is cheaper than :meth:`precondition_dot` (``solve``: with Cholesky factors, else
+        with explicit inverses); ``-1``: not available for this block."""
+        return -1
+
     def precondition_dot_lowrank(
         self,
         inv: dict[str, Tensor],
@@ -522,6 +528,18 @@ class Kron(LayerCurvature):
             U = inv["G_inv"] @ V @ inv["A_inv"]
         return split_matrix(self.module, U, grads), (U * V).sum()
 
+    def lowrank_max_rows(self, solve: bool) -> int:
+        m = self.module
+        if not isinstance(m, nn.Linear) or self.embedding:
+            return -1
+        k, out = m.in_features + (m.bias is not None), m.out_features
+        if solve:
+            # triangular-solve work (rows x n^2 per solve, two per factor) of both forms,
+            # the product (G^-1 D^T) (X_a A^-1) at half weight (GEMM runs about twice as
+            # fast), with a margin for the check and the extra records
+            return int(0.8 * out * k * (k + out) / (k * k + out * out + out * k / 2))
+        return int(0.85 * out * k * (k + out) / (k * k + out * out + out * k))  # GEMM work
+
     def precondition_dot_lowrank(
         self,
         inv: dict[str, Tensor],
@@ -534,29 +552,28 @@ class Kron(LayerCurvature):
         ``V = D^T X_a`` of the rows recorded in this step (``D``: the gradients of the loss
         w.r.t. the layer outputs, ``X_a``: the inputs with a ones column for the bias), when
         that is cheaper: with ``r`` rows (the batch) fewer than the layer's sizes,
-        ``G^-1 V A^-1 = (D G^-1)^T (X_a A^-1)`` needs triangular solves with ``r`` right-hand
-        sides per factor (instead of ``k`` and ``out``) and one product.
+        ``G^-1 V A^-1 = (G^-1 D^T) (X_a A^-1)`` needs triangular solves with ``r`` right-hand
+        sides per factor (instead of ``k`` and ``out``), or products with ``r`` rows with
+        the explicit inverses, and one product of the two.
 
-        Returns ``None`` (the caller takes the general path) unless the factors are
-        Cholesky factors, the rows are there and cheaper, and the gradient really is that
-        product: ``V z = D^T (X_a z)`` is checked for the random vector ``probe`` (length
+        Returns ``None`` (the caller takes the general path) unless the inverses are
+        Cholesky factors or explicit inverses, the rows are there and fewer than
+        :meth:`lowrank_max_rows`, and the gradient really is that product: ``V z = D^T (X_a z)`` is checked for the random vector ``probe`` (length
         ``k``; Freivalds' test, to :data:`LOWRANK_RTOL`), so a gradient changed after the
         backward pass (clipping, weight tying, accumulation) is never preconditioned
         through stale rows."""
         m = self.module
-        if not isinstance(m, nn.Linear) or "A_fac" not in inv or x.dim() == 0:
+        solve = "A_fac" in inv
+        if not (solve or "A_inv" in inv) or x.dim() == 0:
             return None
-        k, out = m.in_features + (m.bias is not None), m.out_features
         r = x.numel() // max(x.shape[-1], 1)
-        # triangular-solve work (rows x n^2 per solve, two per factor) of both forms, the
-        # product D^T X_a counted at half weight (GEMM runs at about twice the speed)
-        if r * (k * k + out * out) + out * k * r / 2 > 0.8 * out * k * (k + out):
+        if not 0 < r <= self.lowrank_max_rows(solve):
             return None
         V = matrix_grad(m, grads)
+        out = V.shape[0]
         if x.dtype != V.dtype or delta.dtype != V.dtype or delta.numel() != r * out:
             return None
-        ca, cg = inv["fac_is_chol"].tolist()
-        if not (ca and cg):
+        if solve and inv["fac_is_chol"].tolist() != [1.0, 1.0]:
             return None
         a, _ = kron_input(m, x)
         d = kron_output(m, delta)
@@ -565,9 +582,12 @@ class Kron(LayerCurvature):
         err = torch.linalg.vector_norm(lhs - d.T @ (a @ z))
         if not bool(err <= LOWRANK_RTOL * torch.linalg.vector_norm(lhs)):  # NaN: False
             return None
-        P = _chol_solve_right(d, inv["G_fac"])  # D G^-1, (r, out)
-        Q = _chol_solve_right(a, inv["A_fac"])  # X_a A^-1, (r, k)
-        U = P.T @ Q
+        if solve:
+            P = _chol_solve_right(d, inv["G_fac"]).T  # G^-1 D^T, (out, r)
+            Q = _chol_solve_right(a, inv["A_fac"])  # X_a A^-1, (r, k)
+        else:
+            P, Q = inv["G_inv"] @ d.T, a @ inv["A_inv"]
+        U = P @ Q
         return split_matrix(m, U, grads), (U * V).sum()
 
     def quad(self, f: dict[str, Tensor], vs: list[Tensor]) -> Tensor:

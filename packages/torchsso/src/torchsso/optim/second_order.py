@@ -313,18 +313,16 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             self.generator,
             [b.bdim for b in self.blocks],
         )
-        # every-step K-FAC: a Linear layer's gradient is D^T X of the rows the curvature
-        # records anyway, so with fewer rows than the layer's sizes the Kronecker solves
-        # can act on those rows (Kron.precondition_dot_lowrank, which checks the product)
-        self._lowrank_enabled = (
-            self._every_step and acc_steps == 1 and curv_type != "Hessian" and not self._ddp
-        )
+        # a Linear layer's gradient is D^T X of its input rows X and output gradients D, so
+        # with fewer rows than the layer's sizes the Kronecker preconditioner can act on the
+        # rows (Kron.precondition_dot_lowrank, which checks the product) on the steps that
+        # record them for the curvature anyway (every step for every-step K-FAC)
+        self._lowrank_enabled = acc_steps == 1 and curv_type != "Hessian" and not self._ddp
         self._lowrank_rows: dict[int, tuple[Tensor, Tensor]] = {}
         self._probe_gen = torch.Generator().manual_seed(seed + 1)
         if self._lowrank_enabled:
-            self.capture.loss_grad_modules = {
-                i for i, b in enumerate(self.blocks) if isinstance(b.module, nn.Linear)
-            }
+            rows = [b.lowrank_max_rows(self._every_step) for b in self.blocks]
+            self.capture.loss_grad_modules = {i: r for i, r in enumerate(rows) if r > 0}
 
     # ------------------------------------------------------------------ helpers
     def _anchor(self, block: LayerCurvature) -> dict[str, Any]:

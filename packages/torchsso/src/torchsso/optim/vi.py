@@ -121,6 +121,9 @@ class VIOptimizer(SecondOrderOptimizer):
             model, curv_type, curv_shapes, ck, lr=lr, momentum=momentum,
             momentum_type=momentum_type, seed=seed + 7919 * get_rank(), **kwargs,
         )  # fmt: skip
+        # the gradient gets the prior term added: never the product of the recorded rows
+        self._lowrank_enabled = False
+        self.capture.loss_grad_modules = {}
         self.dataset_size = dataset_size
         self.num_mc_samples = num_mc_samples
         self.val_num_mc_samples = val_num_mc_samples
