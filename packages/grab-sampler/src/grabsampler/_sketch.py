@@ -91,7 +91,10 @@ class KronSketch:
             aj = a[:, :, j * ci : (j + 1) * ci] if groups > 1 else a
             gj = g[:, :, j * co : (j + 1) * co] if groups > 1 else g
             sa, sg = self.factors(layer, aj, gj)
-            parts.append(torch.einsum("bto,bti->boi", sg, sa).reshape(b, -1))
+            if sa.shape[1] == 1:  # one position: an outer product per example
+                parts.append((sg[:, 0, :, None] * sa[:, 0, None, :]).reshape(b, -1))
+            else:
+                parts.append(torch.einsum("bto,bti->boi", sg, sa).reshape(b, -1))
         return parts[0] if groups == 1 else torch.cat(parts, dim=1)
 
     def embedding_rows(self, layer: int, idx: Tensor, g: Tensor, num: int) -> Tensor:
