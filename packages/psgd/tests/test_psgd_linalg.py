@@ -135,3 +135,23 @@ def test_fresh_block_products_ignore_the_outputs_old_contents(dtype: torch.dtype
     L._herm_acc(want, a, a.mH)
     assert torch.equal(L._mirror_(got), L._mirror_(want))
     torch.testing.assert_close(got, a @ a.mH, rtol=1e-12, atol=1e-12)
+
+
+def test_unmirrored_grams_sum_to_the_mirrored_sum() -> None:
+    """``mirror=False`` leaves the lower off-diagonal blocks unset; mirroring the sum of two
+    such Grams gives exactly the sum of the two mirrored Grams (the ``"EQ"`` bound's input)."""
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(29, 8, generator=gen, dtype=torch.float64)
+    b = torch.randn(29, 8, generator=gen, dtype=torch.float64)
+    for dim in (0, 1):
+        x, y = (a, b) if dim == 0 else (a.mT, b.mT)
+        full = L.unfold_gram(x, dim, False) + L.unfold_gram(y, dim, False)
+        both = L.unfold_gram(x, dim, False, mirror=False) + L.unfold_gram(
+            y, dim, False, mirror=False
+        )
+        assert torch.equal(L._mirror_(both), full)
+        assert torch.equal(
+            torch.triu(L.unfold_gram(x, dim, False, mirror=False)),
+            torch.triu(L.unfold_gram(x, dim, False)),
+        )
+        torch.testing.assert_close(full, x @ x.mT + y @ y.mT if dim == 0 else x.mT @ x + y.mT @ y)

@@ -83,14 +83,19 @@ def apply_along(m: Tensor, x: Tensor, dim: int) -> Tensor:
     return torch.movedim(torch.tensordot(m, x, dims=([1], [dim])), 0, dim)
 
 
-def unfold_gram(a: Tensor, dim: int, diag: bool) -> Tensor:
-    """``A_(dim) A_(dim)^H`` for the unfolding of ``a`` with ``dim`` as rows (only its diagonal if ``diag``)."""
+def unfold_gram(a: Tensor, dim: int, diag: bool, *, mirror: bool = True) -> Tensor:
+    """``A_(dim) A_(dim)^H`` for the unfolding of ``a`` with ``dim`` as rows (only its diagonal if ``diag``).
+
+    ``mirror=False``: see :func:`herm_mm` (the lower off-diagonal blocks are left unset).
+    """
     if a.dim() == 2 and not diag:
-        return herm_mm(a, a.mH) if dim == 0 else herm_mm(a.mT, a.conj())
+        if dim == 0:
+            return herm_mm(a, a.mH, mirror=mirror)
+        return herm_mm(a.mT, a.conj(), mirror=mirror)
     rows = torch.movedim(a, dim, 0).reshape(a.shape[dim], -1)
     if diag:
         return (rows * rows.conj()).real.sum(dim=1).to(a.dtype)
-    return herm_mm(rows, rows.mH)
+    return herm_mm(rows, rows.mH, mirror=mirror)
 
 
 def solve_upper_h_along(q: Tensor, x: Tensor, dim: int, *, transposed: bool = False) -> Tensor:
@@ -164,18 +169,20 @@ def _mirror_(out: Tensor) -> Tensor:
     return out
 
 
-def herm_mm(a: Tensor, b: Tensor) -> Tensor:
+def herm_mm(a: Tensor, b: Tensor, *, mirror: bool = True) -> Tensor:
     """``a @ b`` for a product known to be Hermitian (``(n, k) @ (k, n)``).
 
     Only the diagonal blocks and the upper off-diagonal blocks are multiplied; the
-    lower off-diagonal blocks are copied from the upper ones.
+    lower off-diagonal blocks are copied from the upper ones, or, with ``mirror=False``,
+    left unset (uninitialised memory) for a caller that reads the upper triangle only
+    or calls :func:`_mirror_` itself (below ``2 * _BLOCK`` the full product is returned).
     """
     n = a.shape[0]
     if n < 2 * _BLOCK:
         return a @ b
     out = torch.empty(n, n, dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
     _herm_acc(out, a, b, fresh=True)
-    return _mirror_(out)
+    return _mirror_(out) if mirror else out
 
 
 def _beta(fresh: bool) -> float:

@@ -361,8 +361,14 @@ def update_factors(
             b = solve_upper_h_along(q, b, i, transposed=fast)
         for i, q in enumerate(work):
             diag = q.dim() < 2
-            t1, t2 = unfold_gram(a, i, diag), unfold_gram(b, i, diag)
-            step = lr / _moving_max(_bound(t1 + t2, True), lips[i], beta_lip).clamp_min(1e-30)
+            # dense: the Grams' upper blocks only; their sum is mirrored once (as the sum of
+            # two mirrored Grams would be), and T = t1 - t2 is read above the diagonal only
+            t1 = unfold_gram(a, i, diag, mirror=False)
+            t2 = unfold_gram(b, i, diag, mirror=False)
+            both = t1 + t2
+            if not diag:
+                _linalg._mirror_(both)
+            step = lr / _moving_max(_bound(both, True), lips[i], beta_lip).clamp_min(1e-30)
             if diag:
                 work[i] = q - step * (t1 - t2) * q
             else:
