@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -144,9 +145,12 @@ def _count_lowrank(monkeypatch):
     return calls
 
 
-def _train_wide(lowrank, steps, scale_grads=None, dtype=torch.float32):
+def _train_wide(lowrank, steps, scale_grads=None, dtype=torch.float32, curv_type="Fisher"):
     model = _wide_mlp().to(dtype)
-    opt = _opt(model)
+    opt = SecondOrderOptimizer(
+        model, curv_type, {"Linear": "Kron"}, {"damping": 1e-2, "ema_decay": 0.5},
+        lr=0.05, momentum=0.9, kl_clip=1e-2,
+    )  # fmt: skip
     if not lowrank:
         opt._lowrank_enabled = False
     for s in range(steps):
@@ -165,15 +169,18 @@ def _train_wide(lowrank, steps, scale_grads=None, dtype=torch.float32):
     return model
 
 
-def test_lowrank_solves_match_the_general_path(monkeypatch):
+@pytest.mark.parametrize("curv_type", ["Fisher", "Cov", "GaussNewton"])
+def test_lowrank_solves_match_the_general_path(monkeypatch, curv_type):
     # batch 8 < the 40-wide middle layer: its K-FAC solves act on the recorded rows,
     # G^-1 (D^T X) A^-1 = (D G^-1)^T (X A^-1); the result must be the general path's
     calls = _count_lowrank(monkeypatch)
-    m1 = _train_wide(True, 6, dtype=torch.float64)
+    m1 = _train_wide(True, 6, dtype=torch.float64, curv_type=curv_type)
     assert calls["used"] == 6  # the middle layer, every step (the others: not cheaper)
-    m2 = _train_wide(False, 6, dtype=torch.float64)
+    m2 = _train_wide(False, 6, dtype=torch.float64, curv_type=curv_type)
     for p1, p2 in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(p1, p2, rtol=1e-10, atol=1e-12)
+    if curv_type != "Fisher":
+        return
     # float32: the parameter changes agree to float rounding (relative to their norm)
     p0 = [p.detach() for p in _wide_mlp().parameters()]
     m1, m2 = _train_wide(True, 6), _train_wide(False, 6)
@@ -233,3 +240,28 @@ def test_lowrank_block_is_exact_and_checks_the_product():
     # more rows than the layer is wide: the general path is cheaper
     x9, d9 = torch.randn(64, 30, dtype=torch.float64), torch.randn(64, 20, dtype=torch.float64)
     assert b.precondition_dot_lowrank(inv, grads, x9, d9, probe) is None
+
+
+def test_lowrank_not_used_for_a_layer_called_twice(monkeypatch):
+    # a layer applied twice per forward has two records: its gradient is the sum of two row
+    # products, so the general path preconditions it
+    calls = _count_lowrank(monkeypatch)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(2)
+            self.inp, self.mid, self.out = nn.Linear(6, 40), nn.Linear(40, 40), nn.Linear(40, 4)
+
+        def forward(self, x):
+            h = torch.tanh(self.inp(x))
+            return self.out(torch.tanh(self.mid(torch.tanh(self.mid(h)))))
+
+    model = Twice()
+    opt = _opt(model)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 6, generator=g), torch.randint(0, 4, (8,), generator=g)
+    for _ in range(3):
+        opt.step(ce_closure(opt, model, x, y))
+    assert calls["used"] == 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
