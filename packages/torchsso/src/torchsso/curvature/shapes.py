@@ -560,10 +560,11 @@ class Kron(LayerCurvature):
 
         Returns ``None`` (the caller takes the general path) unless the inverses are
         Cholesky factors or explicit inverses, the rows are there and fewer than
-        :meth:`lowrank_max_rows`, and the gradient really is that product: ``V z = D^T (X_a z)`` is checked for the random vector ``probe`` (length
-        ``k``; Freivalds' test, to :data:`LOWRANK_RTOL`), so a gradient changed after the
-        backward pass (clipping, weight tying, accumulation) is never preconditioned
-        through stale rows."""
+        :meth:`lowrank_max_rows`, and the gradient really is that product:
+        ``V z = D^T (X_a z)`` is checked for the random vector ``probe`` (length ``k``;
+        Freivalds' test, to :data:`LOWRANK_RTOL`), so a gradient changed after the backward
+        pass (clipping, weight tying, accumulation) is never preconditioned through stale
+        rows."""
         m = self.module
         solve = "A_fac" in inv
         if not (solve or "A_inv" in inv) or x.dim() == 0:
