@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from grabsampler_testing import train_hooks_beside_route
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from grabsampler import GraB, GraBSampler
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls are much faster single-threaded on a busy shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 class Seq(nn.Module):
@@ -125,29 +119,11 @@ def test_hooks_order_equals_per_sample_route(kind, balance):
     model = MODELS[kind]().double()
     x = data(kind, n, gen)
     y = torch.randint(0, 3, (n,), generator=gen)
-    loss_fn = nn.CrossEntropyLoss()
     params = {k: v.detach() for k, v in model.named_parameters()}
     ref = GraBSampler(range(n), params, balance, seed=4)
     grab = GraB(model, range(n), balance, seed=4)
     assert list(grab.params) == list(params)
-
-    def one(p, xi, yi):
-        return loss_fn(functional_call(model, p, (xi[None],)), yi[None])
-
-    psg = vmap(grad(one), in_dims=(None, 0, 0))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(3):
-        order = list(iter(ref))
-        assert list(iter(grab.sampler)) == order
-        for s in range(0, n, batch):
-            idx = order[s : s + batch]
-            p = {k: v.detach() for k, v in model.named_parameters()}
-            ref.step(psg(p, x[idx], y[idx]))
-            opt.zero_grad()
-            loss_fn(model(x[idx]), y[idx]).backward()
-            grab.step()
-            opt.step()
-    assert list(iter(ref)) == list(iter(grab.sampler))
+    train_hooks_beside_route(model, x, y, ref, grab, batch)
 
 
 def test_hooks_with_batchnorm_dropout_and_eval_pass():

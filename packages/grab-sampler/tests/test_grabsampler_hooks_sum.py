@@ -14,20 +14,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from grabsampler_testing import train_hooks_beside_route
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 from grabsampler import GraB, GraBSampler
 
 WIDE = 130  # 130 x 130 = 16,900 entries: above the shared small block, own storage block
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 class Net(nn.Module):
@@ -123,28 +118,10 @@ def test_orders_with_epoch_sum_from_backward_equal_per_sample_route():
     model = Net(twice=True).double()
     x = torch.randn(n, 6, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 3, (n,), generator=gen)
-    loss_fn = nn.CrossEntropyLoss()
     params = {k: v.detach() for k, v in model.named_parameters()}
     ref = GraBSampler(range(n), params, seed=4)
     grab = GraB(model, range(n), seed=4)
     used: list[bool] = []
     spy(grab, used)
-
-    def one(p, xi, yi):
-        return loss_fn(functional_call(model, p, (xi[None],)), yi[None])
-
-    psg = vmap(grad(one), in_dims=(None, 0, 0))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(3):
-        order = list(iter(ref))
-        assert list(iter(grab.sampler)) == order
-        for s in range(0, n, batch):
-            idx = order[s : s + batch]
-            p = {k: v.detach() for k, v in model.named_parameters()}
-            ref.step(psg(p, x[idx], y[idx]))
-            opt.zero_grad()
-            loss_fn(model(x[idx]), y[idx]).backward()
-            grab.step()
-            opt.step()
-    assert list(iter(ref)) == list(iter(grab.sampler))
+    train_hooks_beside_route(model, x, y, ref, grab, batch)
     assert used and all(used)

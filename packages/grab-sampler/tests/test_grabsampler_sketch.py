@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from grabsampler_testing import max_prefix_norm, trained_logistic
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -13,13 +14,7 @@ from grabsampler._sketch import KronSketch
 optcore_data = pytest.importorskip("optcore.data")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls are much faster single-threaded on a busy shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 class Net(nn.Module):
@@ -144,31 +139,11 @@ def test_sketch_orders_reproducible_from_seed():
     assert torch.equal(m1, KronSketch(2, seed=7).matrix(1, 1, 6, like))
 
 
-def logistic_grads(w, x, y):
-    logits = x @ w[:, :-1].T + w[:, -1]
-    r = torch.softmax(logits, dim=1)
-    r[torch.arange(len(y)), y] -= 1.0
-    gw = r[:, :, None] * x[:, None, :]
-    return torch.cat([gw.reshape(len(y), -1), r], dim=1)
-
-
-def max_prefix_norm(g, order):
-    c = g[order] - g.mean(dim=0)
-    return float(torch.cumsum(c, dim=0).norm(dim=1).max())
-
-
 def herding(sketch, seed, data):
     """Largest prefix-sum norm of the exact centered gradients in the balanced order."""
     x, y = data
     n = len(y)
-    gen = torch.Generator().manual_seed(seed)
-    w = 0.01 * torch.randn(10, 65, generator=gen, dtype=torch.float64)
-    for _ in range(2):  # two epochs of SGD so that the gradients are realistic
-        perm = torch.randperm(n, generator=gen)
-        for s in range(0, n, 16):
-            idx = perm[s : s + 16]
-            w -= 0.3 * logistic_grads(w, x[idx], y[idx]).mean(0).reshape(10, 65)
-    g = logistic_grads(w, x, y)
+    w, g, gen = trained_logistic(seed, data)
     if sketch is None:
         return max_prefix_norm(g, torch.randperm(n, generator=gen).tolist())
     model = nn.Linear(64, 10).double()
