@@ -79,7 +79,9 @@ def test_eigenpro3_minibatch_delayed_projection_approaches_minimizer() -> None:
     assert not model._temps_x  # projected at the end of every epoch
     assert hist[-1]["train_loss"] < hist[0]["train_loss"]
     excess = float((model.predict(X) - y).pow(2).mean()) - best
-    assert 0 <= excess < 0.1 * best  # constant-step SGD: close, not exact
+    # best is the least-squares minimum, so the excess is >= 0 up to rounding (the
+    # per-epoch correction can land on the minimiser itself: -6e-17 seen in one CI run)
+    assert -1e-9 * best <= excess < 0.1 * best
 
 
 def test_eigenpro3_with_ridge_matches_closed_form() -> None:
