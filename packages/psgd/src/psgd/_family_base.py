@@ -5,6 +5,10 @@ flattened concatenation of a group's parameters (LRA, Dense). Subclasses define
 how a unit's preconditioner is created, fitted and applied; this class handles
 closures, Hessian-vector products, momentum, clipping, weight decay, the
 update-probability counter, non-finite gradients and the tensor-only state.
+
+DTensor (FSDP2-style) parameters, sharded or replicated: gradients (and ``H v``)
+are gathered to full tensors, the state is full-size on every rank, and each rank
+adds its own piece of the identical update (``psgd._dtensor``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from torch import Tensor
 from optcore.curvature import hvp as optcore_hvp
 
 from ._base import PSGDBase, check_positive, check_unit, closure_loss
+from ._dtensor import full, is_dtensor, like
 from .factors import GEOMETRIES
 from .schedule import advance, check_probability
 
@@ -111,7 +116,7 @@ class FamilyBase(PSGDBase):
         params = [p for g in self.param_groups for p in g["params"]]
         if not self.newton:
             loss = closure_loss(closure)
-            return loss, [p.grad for p in params], None, None
+            return loss, [None if p.grad is None else full(p.grad) for p in params], None, None
         name = type(self).__name__
         if closure is None:
             raise ValueError(f"{name} needs a closure returning the loss (closure=None)")
@@ -125,28 +130,34 @@ class FamilyBase(PSGDBase):
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw)]
             hvps = vs = None
             if do_update:
+                # probes drawn whole (a plain tensor of the global shape, also for a
+                # DTensor parameter, which gets its own layout of it for the products;
+                # H v comes back gathered)
                 vs = [self._randn_like(p.detach(), n_upd, i) for i, p in enumerate(params)]
+                probes = [like(p, v) for p, v in zip(params, vs)]
                 hvps = None
                 if create and any(g.requires_grad for g in grads):
                     try:
                         hv = torch.autograd.grad(
                             grads,
                             params,
-                            grad_outputs=vs,
+                            grad_outputs=probes,
                             allow_unused=True,
                             materialize_grads=True,
                         )
-                        hvps = [h.detach() for h in hv]
+                        hvps = [full(h.detach()) for h in hv]
                     except RuntimeError:
                         hvps = None  # no second derivative: fall back to finite differences
                 # gradients without a graph (once-differentiable ops, or a loss linear in the
                 # parameters): finite differences tell the two apart
                 if hvps is None:
-                    hvps = optcore_hvp(closure_as_loss(closure), params, vs, method="fd")
+                    eps = _fd_step(params, vs) if any(map(is_dtensor, params)) else None
+                    fd = optcore_hvp(closure_as_loss(closure), params, probes, method="fd", eps=eps)
+                    hvps = [full(h) for h in fd]
         grads = [g.detach() for g in grads]
         for p, g in zip(params, grads):
             p.grad = g.clone()
-        return loss.detach(), grads, hvps, vs
+        return loss.detach(), [full(g) for g in grads], hvps, vs
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -169,7 +180,10 @@ class FamilyBase(PSGDBase):
             gl = [grads[flat_index[(id(group), i)]] for i in idxs]
             if all(g is None for g in gl):
                 continue
-            gl = [torch.zeros_like(p) if g is None else g for p, g in zip(params, gl)]
+            gl = [
+                torch.zeros(p.shape, dtype=p.dtype, device=p.device) if g is None else g
+                for p, g in zip(params, gl)
+            ]
             for g, p in zip(gl, params):
                 self._check_grad(p, g)
             g = self._join(gl, params, self.flat)
@@ -221,7 +235,7 @@ class FamilyBase(PSGDBase):
             for p, d in zip(params, self._split(pre, params, self.flat)):
                 if group["weight_decay"] > 0:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(d.to(p.dtype), alpha=-group["lr"])
+                p.add_(like(p, d.to(p.dtype)), alpha=-group["lr"])
         return loss
 
 
@@ -233,3 +247,18 @@ def closure_as_loss(closure: Callable[[], Any]) -> Callable[[], Tensor]:
         return out[0] if isinstance(out, (tuple, list)) else out
 
     return fn
+
+
+def _fd_step(params: list[Tensor], vs: list[Tensor]) -> float | None:
+    """The finite-difference step of :func:`optcore.curvature.hvp`, from whole tensors.
+
+    ``sqrt(eps) * (1 + |params|) / |v|``: optcore computes these norms itself, but on a
+    sharded DTensor its sums are the rank's local part, so DTensor parameters pass the
+    step computed from the gathered parameters. None (optcore's own handling) when
+    ``v = 0``.
+    """
+    pnorm = math.sqrt(sum(float(full(p.detach()).double().square().sum()) for p in params))
+    vnorm = math.sqrt(sum(float(v.double().square().sum()) for v in vs))
+    if vnorm == 0.0:
+        return None
+    return math.sqrt(torch.finfo(params[0].dtype).eps) * (1.0 + pnorm) / vnorm

@@ -30,15 +30,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-try:  # DTensor (FSDP2) parameters; absent on builds without torch.distributed
-    from torch.distributed.tensor import DTensor, distribute_tensor
-except ImportError:  # pragma: no cover
-    DTensor = None  # type: ignore[assignment,misc]
-    distribute_tensor = None  # type: ignore[assignment]
-
 from . import factors as F
 from ._base import PSGDBase, check_nonneg, check_positive, check_unit, closure_loss
 from ._dist import Ownership
+from ._dtensor import full as _full
+from ._dtensor import is_dtensor
+from ._dtensor import like as _like
 from .schedule import advance, check_probability, should_update
 
 __all__ = ["Kron"]
@@ -423,7 +420,7 @@ class Kron(PSGDBase):
         plan, fresh = [], []
         for group in self.param_groups:
             for i, p in enumerate(group["params"]):
-                if DTensor is not None and isinstance(p, DTensor):
+                if is_dtensor(p):
                     return None
                 state = self.state.get(p)
                 if not state:
@@ -708,21 +705,6 @@ def _apply_update(group: dict[str, Any], p: Tensor, pre: Tensor, nrm: float, ste
         p.add_(p, alpha=-group["lr"] * group["weight_decay"])
     update = pre.view(p.shape)
     p.add_(update if update.dtype == p.dtype else update.to(p.dtype), alpha=-group["lr"] * scale)
-
-
-def _full(t: Tensor) -> Tensor:
-    """The whole tensor of a DTensor (gathered; every rank gets the same), else ``t``."""
-    if DTensor is not None and isinstance(t, DTensor):
-        return t.full_tensor()
-    return t
-
-
-def _like(p: Tensor, update: Tensor) -> Tensor:
-    """``update`` (a full tensor, identical on every rank) laid out like the parameter ``p``."""
-    if DTensor is not None and isinstance(p, DTensor):
-        # every rank holds the same full update: take the local piece, no communication
-        return distribute_tensor(update, p.device_mesh, p.placements, src_data_rank=None)
-    return update
 
 
 @functools.lru_cache(maxsize=4096)
