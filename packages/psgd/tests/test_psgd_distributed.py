@@ -72,7 +72,10 @@ def test_owners_split_work_by_cost() -> None:
 
 
 def _run_dtensor(rank: int, world: int, placement: str) -> list[list[float]]:
-    """Parameters as DTensors (sharded like FSDP2, or replicated), full batch on every rank."""
+    """Parameters as DTensors (sharded like FSDP2, or replicated), full batch on every rank;
+    the optimizer is rebuilt from its saved state halfway."""
+    import io
+
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
@@ -94,6 +97,12 @@ def _run_dtensor(rank: int, world: int, placement: str) -> list[list[float]]:
         out = torch.func.functional_call(model, full, (x[t],))
         ((out - y[t]) ** 2).mean().backward()
         opt.step()
+        if t == STEPS // 2 - 1:  # resume from a weights-only round trip of the state
+            buf = io.BytesIO()
+            torch.save(opt.state_dict(), buf)
+            buf.seek(0)
+            opt = psgd.Kron(params, lr=0.01)
+            opt.load_state_dict(torch.load(buf, weights_only=True))
     for p in params:
         assert p.placements == (place,)  # the layout is kept
     return [p.full_tensor().detach().double().reshape(-1).tolist() for p in params]
