@@ -71,9 +71,9 @@ def test_owners_split_work_by_cost() -> None:
     assert sorted(set(owners)) == [0, 1]
 
 
-def _run_dtensor(rank: int, world: int, placement: str) -> list[list[float]]:
-    """Parameters as DTensors (sharded like FSDP2, or replicated), full batch on every rank;
-    the optimizer is rebuilt from its saved state halfway."""
+def _run_dtensor(rank: int, world: int) -> dict[str, list[list[float]]]:
+    """Parameters as DTensors (sharded like FSDP2, then replicated), full batch on every
+    rank; the optimizer is rebuilt from its saved state halfway."""
     import io
 
     from torch.distributed.device_mesh import init_device_mesh
@@ -81,42 +81,47 @@ def _run_dtensor(rank: int, world: int, placement: str) -> list[list[float]]:
 
     torch.set_num_threads(1)
     mesh = init_device_mesh("cpu", (world,))
-    place = Shard(0) if placement == "shard" else Replicate()
-    model = _model()
-    names = [n for n, _ in model.named_parameters()]
-    params = [
-        torch.nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [place]))
-        for p in model.parameters()
-    ]
-    torch.manual_seed(1)  # the optimizer's probe seed, as in _run
-    opt = psgd.Kron(params, lr=0.01)
-    x, y = _data()
-    for t in range(STEPS):
-        opt.zero_grad()
-        full = {n: p.full_tensor() for n, p in zip(names, params)}
-        out = torch.func.functional_call(model, full, (x[t],))
-        ((out - y[t]) ** 2).mean().backward()
-        opt.step()
-        if t == STEPS // 2 - 1:  # resume from a weights-only round trip of the state
-            buf = io.BytesIO()
-            torch.save(opt.state_dict(), buf)
-            buf.seek(0)
-            opt = psgd.Kron(params, lr=0.01)
-            opt.load_state_dict(torch.load(buf, weights_only=True))
-    for p in params:
-        assert p.placements == (place,)  # the layout is kept
-    return [p.full_tensor().detach().double().reshape(-1).tolist() for p in params]
+    out = {}
+    for place in (Shard(0), Replicate()):
+        model = _model()
+        names = [n for n, _ in model.named_parameters()]
+        params = [
+            torch.nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [place]))
+            for p in model.parameters()
+        ]
+        torch.manual_seed(1)  # the optimizer's probe seed, as in _run
+        opt = psgd.Kron(params, lr=0.01)
+        x, y = _data()
+        for t in range(STEPS):
+            opt.zero_grad()
+            full = {n: p.full_tensor() for n, p in zip(names, params)}
+            pred = torch.func.functional_call(model, full, (x[t],))
+            ((pred - y[t]) ** 2).mean().backward()
+            opt.step()
+            if t == STEPS // 2 - 1:  # resume from a weights-only round trip of the state
+                buf = io.BytesIO()
+                torch.save(opt.state_dict(), buf)
+                buf.seek(0)
+                opt = psgd.Kron(params, lr=0.01)
+                opt.load_state_dict(torch.load(buf, weights_only=True))
+        for p in params:
+            assert p.placements == (place,)  # the layout is kept
+        out[str(place)] = [p.full_tensor().detach().double().reshape(-1).tolist() for p in params]
+    return out
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("placement", ["shard", "replicate"])
-def test_dtensor_parameters_match_plain_tensors(placement: str) -> None:
-    """DTensor parameters (gathered gradients, replicated state) step like plain ones."""
+def test_dtensor_parameters_match_plain_tensors() -> None:
+    """Kron with Shard(0) and with Replicate() DTensor parameters (gathered gradients,
+    replicated state) steps like plain tensors."""
     single = [torch.tensor(t) for t in _run(0, 1, "EQ")]
-    ranks = [[torch.tensor(t) for t in r] for r in spawn(2, _run_dtensor, placement, timeout=120.0)]
-    for r in ranks:
-        for a, b in zip(single, r):
-            assert torch.allclose(a, b, atol=1e-5, rtol=0), (a - b).abs().max()
+    ranks = spawn(2, _run_dtensor, timeout=180.0)
+    assert len(ranks[0]) == 2
+    for place in ranks[0]:
+        for r in ranks:
+            for a, b in zip(single, r[place]):
+                b = torch.tensor(b)
+                assert torch.allclose(a, b, atol=1e-5, rtol=0), (place, (a - b).abs().max())
 
 
 # (name, class, keyword arguments); Newton variants step with a closure
