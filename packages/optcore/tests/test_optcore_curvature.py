@@ -84,3 +84,29 @@ def test_curvature_bad_input():
         hvp(lambda: None, [w], [torch.ones(3)])  # type: ignore[arg-type,return-value]
     with pytest.raises(ValueError, match="eps"):
         hvp(lambda: w.square().sum(), [w], [torch.ones(3)], method="fd", eps=-1.0)
+
+
+def _fd_dtensor_worker(rank: int, world_size: int) -> float:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    gen = torch.Generator().manual_seed(0)
+    # large entries make the default finite-difference step (scaled by ||p||) matter: a
+    # step taken from one rank's shard alone changes the result by ~1e-7 relative
+    p_full = 1e4 * torch.randn(8, 3, generator=gen, dtype=torch.float64)
+    v_full = torch.randn(8, 3, generator=gen, dtype=torch.float64)
+    plain = p_full.clone().requires_grad_(True)
+    want = hvp(lambda: torch.sin(3 * plain).sum(), [plain], [v_full], method="fd")[0]
+    p = distribute_tensor(p_full, mesh, [Shard(0)]).requires_grad_(True)
+    v = distribute_tensor(v_full, mesh, [Shard(0)])
+    got = hvp(lambda: torch.sin(3 * p).sum(), [p], [v], method="fd")[0]
+    return float((got.full_tensor() - want).abs().max() / want.abs().max())
+
+
+@pytest.mark.distributed
+def test_hvp_fd_of_sharded_dtensor_takes_the_step_from_the_whole_tensor():
+    from optcore.testing import spawn
+
+    errs = spawn(2, _fd_dtensor_worker)
+    assert max(errs) < 1e-10, errs

@@ -53,6 +53,14 @@ def _grads(loss: Tensor, params: list[Tensor], create_graph: bool) -> list[Tenso
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
 
+def _sum_sq(t: Tensor) -> float:
+    """Sum of squares of ``t`` as a float; for a DTensor over all of its shards (the same
+    on every rank), not only the local piece."""
+    s = t.detach().double().square().sum()
+    full = getattr(s, "full_tensor", None)  # DTensor: the partial sums reduced over ranks
+    return float(full() if full is not None else s)
+
+
 def hvp(
     fn: Callable[[], Tensor],
     params: Sequence[Tensor],
@@ -89,8 +97,8 @@ def hvp(
     if method != "fd":
         raise ValueError(f"method must be 'autograd' or 'fd', got {method!r}")
     if eps is None:
-        pnorm = math.sqrt(sum(float(p.detach().double().square().sum()) for p in params))
-        vnorm = math.sqrt(sum(float(v.double().square().sum()) for v in vectors))
+        pnorm = math.sqrt(sum(_sum_sq(p) for p in params))
+        vnorm = math.sqrt(sum(_sum_sq(v) for v in vectors))
         if vnorm == 0.0:
             return [torch.zeros_like(p) for p in params]
         eps = math.sqrt(torch.finfo(params[0].dtype).eps) * (1.0 + pnorm) / vnorm

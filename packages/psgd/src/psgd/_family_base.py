@@ -23,7 +23,7 @@ from torch import Tensor
 from optcore.curvature import hvp as optcore_hvp
 
 from ._base import PSGDBase, check_positive, check_unit, closure_loss
-from ._dtensor import full, is_dtensor, like
+from ._dtensor import full, like
 from .factors import GEOMETRIES
 from .schedule import advance, check_probability
 
@@ -151,8 +151,7 @@ class FamilyBase(PSGDBase):
                 # gradients without a graph (once-differentiable ops, or a loss linear in the
                 # parameters): finite differences tell the two apart
                 if hvps is None:
-                    eps = _fd_step(params, vs) if any(map(is_dtensor, params)) else None
-                    fd = optcore_hvp(closure_as_loss(closure), params, probes, method="fd", eps=eps)
+                    fd = optcore_hvp(closure_as_loss(closure), params, probes, method="fd")
                     hvps = [full(h) for h in fd]
         grads = [g.detach() for g in grads]
         for p, g in zip(params, grads):
@@ -247,18 +246,3 @@ def closure_as_loss(closure: Callable[[], Any]) -> Callable[[], Tensor]:
         return out[0] if isinstance(out, (tuple, list)) else out
 
     return fn
-
-
-def _fd_step(params: list[Tensor], vs: list[Tensor]) -> float | None:
-    """The finite-difference step of :func:`optcore.curvature.hvp`, from whole tensors.
-
-    ``sqrt(eps) * (1 + |params|) / |v|``: optcore computes these norms itself, but on a
-    sharded DTensor its sums are the rank's local part, so DTensor parameters pass the
-    step computed from the gathered parameters. None (optcore's own handling) when
-    ``v = 0``.
-    """
-    pnorm = math.sqrt(sum(float(full(p.detach()).double().square().sum()) for p in params))
-    vnorm = math.sqrt(sum(float(v.double().square().sum()) for v in vs))
-    if vnorm == 0.0:
-        return None
-    return math.sqrt(torch.finfo(params[0].dtype).eps) * (1.0 + pnorm) / vnorm
