@@ -1,4 +1,5 @@
-"""The delayed-XOR problem with a simple tanh RNN: psgd.Kron against Adam."""
+"""The delayed-XOR problem with a simple tanh RNN: psgd.Kron against Adam (each at its best
+learning rate in the benchmark's grid)."""
 
 import torch
 
@@ -10,9 +11,9 @@ for name in ("psgd.Kron", "Adam"):
     torch.manual_seed(2)  # seed 2 of the benchmark's five
     model = TanhRNN(hidden=30)
     if name == "psgd.Kron":
-        opt = psgd.Kron(model.parameters(), lr=3e-3, min_ndim_triangular=1)
-    else:
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        opt = psgd.Kron(model.parameters(), lr=2e-3, min_ndim_triangular=1)
+    else:  # Adam's best learning rate on this task among the benchmark's 1e-3, 2e-3, 3e-3
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(1002)
     for it in range(1, 3001):
         x, y = delayed_xor_batch(128, 16, generator=gen)

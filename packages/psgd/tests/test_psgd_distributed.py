@@ -114,7 +114,7 @@ def _run_dtensor(rank: int, world: int) -> dict[str, list[list[float]]]:
 def test_dtensor_parameters_match_plain_tensors() -> None:
     """Kron with Shard(0) and with Replicate() DTensor parameters (gathered gradients,
     replicated state) steps like plain tensors."""
-    single = [torch.tensor(t) for t in _run(0, 1, "EQ")]
+    single = [torch.tensor(t) for t in _run(0, 1, "QUAD")]  # Kron's default geometry
     ranks = spawn(2, _run_dtensor, timeout=180.0)
     assert len(ranks[0]) == 2
     for place in ranks[0]:

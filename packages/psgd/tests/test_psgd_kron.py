@@ -534,6 +534,8 @@ def test_batch_switch_is_checked() -> None:
         psgd.Kron([torch.nn.Parameter(torch.ones(2))], batch_same_shape=1)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="fast_fit"):
         psgd.Kron([torch.nn.Parameter(torch.ones(2))], fast_fit=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="fast_fit"):
+        psgd.Kron([torch.nn.Parameter(torch.ones(2))], geometry="QUAD", fast_fit=True)
     # default: accelerators only (on CPU torch.bmm measured slower than a loop of mm)
     model = _stack_model()
     opt = psgd.Kron(model.parameters(), lr=0.02, preconditioner_update_probability=0.3)
@@ -561,6 +563,7 @@ def test_lazy_p_refresh_matches_eager(blocks: bool, monkeypatch: pytest.MonkeyPa
             model.parameters(),
             lr=0.02,
             preconditioner_update_probability=lambda n: 1.0 if n <= 20 or n >= 36 else 0.4,
+            geometry="EQ",
             fast_fit=lazy,
         )
         gen = torch.Generator().manual_seed(4)

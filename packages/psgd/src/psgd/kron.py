@@ -2,10 +2,11 @@
 
 Same arguments, defaults and update-probability schedule as kron-torch, with:
 
-* the preconditioner ``P_i = Q_i^H Q_i`` of each dense factor cached (inside the
-  triangular ``Q_i``'s own storage for the default ``"EQ"`` geometry, so state
-  is no larger than kron-torch's), so steps that do not update the
-  preconditioner cost two matrix products per 2-D parameter, not four;
+* the preconditioner ``P_i = Q_i^H Q_i`` of each dense factor held in the state
+  itself (the default ``"QUAD"`` geometry fits ``P_i`` directly; ``"EQ"``, kron-torch's
+  rule, stores ``P_i`` in place of its triangular ``Q_i``), so state is no larger than
+  kron-torch's and steps that do not update the preconditioner cost two matrix
+  products per 2-D parameter, not four;
 * 0-dim and 1-dim parameters, complex parameters, dimension merging;
 * a state of tensors only (``torch.load(weights_only=True)``), resumed
   bit-identically, probability schedule and counters included;
@@ -67,12 +68,13 @@ class Kron(PSGDBase):
         mu_dtype: dtype of the momentum buffer (default: the parameter's).
         precond_dtype: dtype of ``Q`` and the cache (default float32; bfloat16 keeps
             float32 norms and solves).
-        geometry: how the factors are fitted. Default ``"EQ"``: kron-torch's triangular
-            ``dQ = E Q`` rule; ``P_i`` is stored (same bytes as kron-torch's ``Q_i``) and
-            ``Q_i`` is recovered by Cholesky on update steps. ``"QUAD"`` fits ``P_i``
-            directly and reuses the ``P m`` of the update (matmul only, cheapest update
-            steps; not the default: it solved fewer delayed-XOR seeds than ``"EQ"``);
-            also ``"QEP"``, ``"QEQ"``, ``"Q0.5EQ1.5"``.
+        geometry: how the factors are fitted. Default ``"QUAD"``: fits ``P_i`` directly
+            (positive definite by construction, matmul only) and reuses the ``P m`` of
+            the update, the cheapest update steps. ``"EQ"``: kron-torch's triangular
+            ``dQ = E Q`` rule (its arithmetic); ``P_i`` is stored (same bytes as
+            kron-torch's ``Q_i``) and ``Q_i`` is recovered by Cholesky on update steps.
+            Also ``"QEP"``, ``"QEQ"``, ``"Q0.5EQ1.5"``. On the delayed-XOR benchmark
+            ``"QUAD"`` and ``"EQ"`` both solve every seed at lr 1e-3 to 2e-3.
         precond_beta: forgetting factor of the moving-max norm bound (0: the
             instantaneous bound, as kron-torch).
         clip_update_rms: RMS of the preconditioned update is clipped to this (1.1).
@@ -80,13 +82,13 @@ class Kron(PSGDBase):
             process group with more than one rank is initialised).
         compile: run the preconditioner application through ``torch.compile``
             (default False; nothing needs it, and the eager path is as fast on CPU).
-        fast_fit: ``"EQ"`` update steps the faster way, same mathematics, different
-            float rounding: an update followed by another update keeps the triangular
-            ``Q_i`` (no ``P_i = Q_i^H Q_i`` refresh, no Cholesky next time; ``P_i`` is
-            formed when a non-update step or ``state_dict()`` needs it), Cholesky of the
-            lower factor, the probe solve on the transposed view, ``mean|m|`` as a
-            1-norm. Default False: on the delayed-XOR benchmark the changed rounding
-            changed which seeds converge (2/5 instead of 5/5 within 3000 iterations).
+        fast_fit: ``geometry="EQ"`` only: its update steps the faster way, same
+            mathematics, different float rounding: an update followed by another update
+            keeps the triangular ``Q_i`` (no ``P_i = Q_i^H Q_i`` refresh, no Cholesky
+            next time; ``P_i`` is formed when a non-update step or ``state_dict()``
+            needs it), Cholesky of the lower factor, the probe solve on the transposed
+            view, ``mean|m|`` as a 1-norm. Default False (bit-compatible with earlier
+            ``"EQ"`` runs).
         batch_same_shape: on steps without a preconditioner update, apply the
             preconditioners of parameters of one group with the same working shape,
             dtypes and factor layout as one batched product (``torch.bmm`` on the
@@ -114,7 +116,7 @@ class Kron(PSGDBase):
         mu_dtype: torch.dtype | None = None,
         precond_dtype: torch.dtype | None = None,
         *,
-        geometry: str = "EQ",
+        geometry: str = "QUAD",
         precond_beta: float = 0.0,
         clip_update_rms: float = 1.1,
         distributed: bool | None = None,
@@ -176,6 +178,8 @@ class Kron(PSGDBase):
             )
         if not isinstance(fast_fit, bool):
             raise TypeError(f"fast_fit must be a bool, got {type(fast_fit).__name__}")
+        if fast_fit and geometry != "EQ":
+            raise ValueError(f"fast_fit=True applies to geometry='EQ' only, got {geometry!r}")
         self._lazy_p = fast_fit
         # batching: off (False, or compile=True), accelerators only (None), everywhere (True)
         self._batch = not compile and batch_same_shape is not False
