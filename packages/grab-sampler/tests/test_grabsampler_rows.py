@@ -93,6 +93,30 @@ def test_factored_cross_through_onednn_matches_product_and_falls_back(monkeypatc
     assert _rows._ONEDNN[0] is None  # disabled after the failure
 
 
+def test_pair_differences_of_factored_rows_match_dense_rows():
+    """Hooks mode's pair-difference products (from the Gram matrix and one stored-vector
+    product) equal those of the materialised gradients: <d_p, d_q> and <d_p, s>."""
+    from grabsampler._bank import AuxBank
+    from grabsampler.hooks import FactoredRows
+
+    gen = torch.Generator().manual_seed(3)
+    b, t, o, i = 6, 2, 5, 7  # a sequence layer: rows are sums over t of g_t a_t^T
+    a = torch.randn(b, t, i, generator=gen, dtype=torch.float64)
+    g = torch.randn(b, t, o, generator=gen, dtype=torch.float64)
+    bias = torch.randn(b, 3, generator=gen, dtype=torch.float64)
+    dense = torch.einsum("bto,bti->boi", g, a).reshape(b, -1)
+    bank = AuxBank([o * i, 3], 2, torch.float64, torch.device("cpu"))
+    for blk in bank.blocks:
+        blk[0].copy_(torch.randn(blk.shape[1], generator=gen, dtype=torch.float64))
+    s = torch.cat([bank.buffers[0][0], bank.buffers[1][0]])
+    got, _ = bank.pair_diff_lists([FactoredRows(a, g), DenseRows(bias)], b)
+    x = torch.cat([dense, bias], dim=1)
+    d = x[0::2] - x[1::2]
+    want = torch.cat([d @ d.T, (d @ s)[:, None]], dim=1)
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), want, rtol=1e-12, atol=1e-12)
+    assert bank.pair_diff_lists([FactoredRows(a[:5], g[:5]), DenseRows(bias[:5])], 5) is None
+
+
 def _state_equal(a, b):
     if isinstance(a, torch.Tensor):
         return torch.equal(a, b)

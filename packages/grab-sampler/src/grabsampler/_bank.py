@@ -370,24 +370,41 @@ class AuxBank:
         ``P``, stored vector 0). Wide blocks form the differences in column chunks
         of a bounded workspace (``P x`` :data:`PAIR_ENTRIES` ``/ P`` entries), so
         each gradient entry is read once and the product is ``P x P`` instead of
-        ``B x B`` (a quarter of the flops). Returns None (nothing done) when some
-        rows are not dense tensors; else the matrix as host floats and the
-        per-block rows to hand to :meth:`apply`.
+        ``B x B`` (a quarter of the flops). Rows that are not dense tensors (hooks
+        mode) give their ``B x B`` Gram matrix and their products with the running
+        sum alone, mapped onto the differences (one stored-vector product instead
+        of two). Returns None (nothing done) for an odd batch; else the matrix as
+        host floats and the per-block rows to hand to :meth:`apply`.
         """
-        if b % 2 or not all(isinstance(r, DenseRows) for r in rows):
+        if b % 2:
             return None
         parts: list[Tensor] = []
         brows: list[Rows | None] = []
+        diff: Tensor | None = None  # (P, B): +1 at 2p, -1 at 2p+1
         for g, blk in zip(self.groups, self.blocks):
             # the small tensors' rows side by side (at most B x 4 SMALL_COLS entries)
             br = self._block_rows(rows, g)
-            assert isinstance(br, DenseRows)
             brows.append(br)
-            x = br.x
-            parts.append(_pair_products(x, blk[0].to(device=x.device, dtype=x.dtype)))
+            pairs = [(br, blk)] if br is not None else [(rows[i], self.buffers[i]) for i in g]
+            for r, a in pairs:
+                if isinstance(r, DenseRows):
+                    x = r.x
+                    parts.append(_pair_products(x, a[0].to(device=x.device, dtype=x.dtype)))
+                    continue
+                # rows known only through their products (hooks mode): the B x B Gram
+                # matrix and the products with the running sum alone (the waiting
+                # vector is zero here), mapped onto the differences by D = E X
+                gm = r.gram().to(torch.float64)
+                h = r.cross(a[:1]).to(torch.float64)  # (B, 1)
+                if diff is None:
+                    diff = torch.zeros(b // 2, b, dtype=torch.float64, device=gm.device)
+                    idx = torch.arange(b // 2, device=gm.device)
+                    diff[idx, 2 * idx] = 1.0
+                    diff[idx, 2 * idx + 1] = -1.0
+                parts.append(torch.cat([diff @ gm @ diff.T, diff @ h], dim=1))
         if len(parts) == 1:
             return parts[0].tolist(), brows
-        return torch.stack([q.to(torch.float64) for q in parts]).sum(0).tolist(), brows
+        return torch.stack([q.to(torch.float64).cpu() for q in parts]).sum(0).tolist(), brows
 
     def track_pair_step(self, dm: list[list[float]], eps: Sequence[float]) -> None:
         """Tracks the stored products after ``a_0 += sum_p eps_p d_p`` (see :meth:`pair_diff_lists`).
