@@ -42,7 +42,9 @@ def _val_rows(s, ks, pred):
         }
 
 
-def run(s, hp: dict | None, seed: int, epochs: int, ks, ema: float) -> dict:
+def run(
+    s, hp: dict | None, seed: int, epochs: int, ks, ema: float, linearized: bool = False
+) -> dict:
     """One training run; ``hp=None`` is Adam (lr 1e-3). Returns {(epoch, K): metrics}."""
     model = B.mlp(seed)
     if hp is None:
@@ -62,7 +64,7 @@ def run(s, hp: dict | None, seed: int, epochs: int, ks, ema: float) -> dict:
 
         def pred(k):
             torch.manual_seed(seed)
-            return torchsso.prediction(model, s["xv"], mc_samples=k)
+            return torchsso.prediction(model, s["xv"], mc_samples=k, linearized=linearized)
 
     rows = B._fit(s, model, step, epochs, seed, lambda: _val_rows(s, ks, pred))
     keys = ("epoch", "mc_samples")
@@ -79,6 +81,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--ema", type=float, default=0.1)
     ap.add_argument("--K", type=int, nargs="+", default=[0, 20])
+    ap.add_argument(
+        "--linearized", action="store_true", help="predict with the network linearised at the mean"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     s = B._split_val()
@@ -87,7 +92,10 @@ def main() -> None:
         pv, kl, lr, dmp = (float(v) for v in spec.split(":"))
         todo.append((spec, dict(prior_variance=pv, kl_weighting=kl, lr=lr, damping=dmp)))
     for name, hp in todo:
-        runs = [run(s, hp, seed, args.epochs, args.K, args.ema) for seed in range(args.seeds)]
+        runs = [
+            run(s, hp, seed, args.epochs, args.K, args.ema, args.linearized)
+            for seed in range(args.seeds)
+        ]
         best = None
         for key in runs[0]:
             m = {q: statistics.fmean(r[key][q] for r in runs) for q in runs[0][key]}

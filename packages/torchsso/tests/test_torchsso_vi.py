@@ -105,6 +105,53 @@ def test_prediction_mean_and_average():
         opt.prediction(x, -1)
 
 
+@pytest.mark.parametrize("shape", ["Diag", "Kron"])
+def test_linearized_prediction_is_the_network_linearised_at_the_mean(shape):
+    """linearized=True averages softmax(f(mu) + J eps) over the same draws eps as the
+    sampled predictive: equal to it for a model linear in its weights, and equal to
+    central differences of f along eps for a nonlinear one."""
+    x, y = _data()
+    x = x.double()
+    for nonlinear in (False, True):
+        torch.manual_seed(3)
+        m = (
+            nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+            if nonlinear
+            else nn.Linear(5, 3)
+        ).double()
+        opt = VIOptimizer(m, 32, "Cov", shape, {"damping": 1e-2}, lr=0.05, seed=1)
+        for _ in range(3):
+            opt.step(ce_closure(opt, m, x, y))
+        state = opt.generator.get_state()
+        lin = torchsso.prediction(m, x, mc_samples=4, linearized=True)
+        opt.generator.set_state(state)
+        if not nonlinear:
+            torch.testing.assert_close(lin, torchsso.prediction(m, x, mc_samples=4))
+            continue
+        params = opt.blocks_params()
+        mu = [p.detach().clone() for p in params]
+        want = torch.zeros_like(lin)
+        h = 1e-4
+        with torch.no_grad():
+            f0 = m(x)
+            for _ in range(4):
+                eps = [e for es in opt.sample_params() for e in es]
+                outs = []
+                for sign in (1.0, -1.0):
+                    for p, a, e in zip(params, mu, eps):
+                        p.copy_(a + sign * h * e)
+                    outs.append(m(x))
+                for p, a in zip(params, mu):
+                    p.copy_(a)
+                want += torch.softmax(f0 + (outs[0] - outs[1]) / (2 * h), dim=1)
+        torch.testing.assert_close(lin, want / 4, rtol=1e-7, atol=1e-8)
+        assert not torch.allclose(lin, torchsso.prediction(m, x, mc_samples=4), atol=1e-6)
+        for a, p in zip(mu, params):  # the mean is untouched
+            assert torch.equal(a, p)
+    with pytest.raises(TypeError, match="linearized"):
+        opt.prediction(x, 2, linearized=1)  # type: ignore[arg-type]
+
+
 def test_kl_warmup_schedule_and_bad_args():
     m = nn.Linear(5, 3)
     opt = VIOptimizer(

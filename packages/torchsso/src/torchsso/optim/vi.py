@@ -218,13 +218,20 @@ class VIOptimizer(SecondOrderOptimizer):
         return total / n
 
     @torch.no_grad()
-    def prediction(self, x: Tensor, mc_samples: int | None = None) -> Tensor:
+    def prediction(
+        self, x: Tensor, mc_samples: int | None = None, *, linearized: bool = False
+    ) -> Tensor:
         """Predictive distribution averaged over ``mc_samples`` posterior samples.
 
         Args:
             x: a batch of inputs.
             mc_samples: number of weight samples (default ``val_num_mc_samples``);
                 0 uses the mean.
+            linearized: sample the network linearised at the posterior mean,
+                ``f(x; mu) + J(x) eps`` (one forward-mode product per sample), instead of
+                the network itself at ``mu + eps`` (the "GLM predictive" of a
+                Gauss-Newton posterior: the curvature it was fitted with describes the
+                linearised network). Default False.
 
         Returns:
             Class probabilities (``loss="cross_entropy"``) or mean outputs (``"mse"``).
@@ -232,16 +239,19 @@ class VIOptimizer(SecondOrderOptimizer):
         K = self.val_num_mc_samples if mc_samples is None else mc_samples
         if not isinstance(K, int) or K < 0:
             raise ValueError(f"mc_samples must be an int >= 0, got {K!r}")
+        if not isinstance(linearized, bool):
+            raise TypeError(f"linearized must be a bool, got {type(linearized).__name__}")
         model = self.model
         probs = self.capture.loss == "cross_entropy"
 
-        def out() -> Tensor:
-            o = model(x)
+        def link(o: Tensor) -> Tensor:
             return torch.softmax(o, dim=-1) if probs else o
 
         if K == 0 or all(self._inverse(b) is None for b in self.blocks):
-            return out()
+            return link(model(x))
         params = self.blocks_params()
+        if linearized:
+            return self._linearized(x, params, K, link)
         means = [p.detach().clone() for p in params]
         acc: Tensor | None = None
         try:
@@ -249,7 +259,7 @@ class VIOptimizer(SecondOrderOptimizer):
                 noise = [e for es in self.sample_params() for e in es]
                 for p, m, e in zip(params, means, noise):
                     p.copy_(m + e)
-                o = out()
+                o = link(model(x))
                 acc = o if acc is None else acc + o
         finally:
             for p, m in zip(params, means):
@@ -257,14 +267,45 @@ class VIOptimizer(SecondOrderOptimizer):
         assert acc is not None
         return acc / K
 
+    def _linearized(
+        self, x: Tensor, params: list[Tensor], k: int, link: Callable[[Tensor], Tensor]
+    ) -> Tensor:
+        """``mean_s link(f(x; mu) + J(x) eps_s)`` by ``torch.func.jvp`` at the mean."""
+        from torch.func import functional_call, jvp
 
-def prediction(model: nn.Module, x: Tensor, mc_samples: int | None = None) -> Tensor:
+        model = self.model
+        names = {id(p): n for n, p in model.named_parameters()}
+        missing = [i for i, p in enumerate(params) if id(p) not in names]
+        if missing:
+            raise ValueError("linearized prediction needs the posterior's parameters in the model")
+        keys = [names[id(p)] for p in params]
+        primals = {n: p.detach() for n, p in zip(keys, params)}
+
+        def f(ps: dict[str, Tensor]) -> Tensor:
+            return functional_call(model, ps, (x,), strict=False)
+
+        acc: Tensor | None = None
+        for _ in range(k):
+            noise = [e for es in self.sample_params() for e in es]
+            tangents = {n: e.to(p.dtype) for n, p, e in zip(keys, params, noise)}
+            res = jvp(f, (primals,), (tangents,))
+            o = link(res[0] + res[1])
+            acc = o if acc is None else acc + o
+        assert acc is not None
+        return acc / k
+
+
+def prediction(
+    model: nn.Module, x: Tensor, mc_samples: int | None = None, *, linearized: bool = False
+) -> Tensor:
     """Bayesian model average of ``model`` on ``x`` under its :class:`VIOptimizer` posterior.
 
     Args:
         model: a model that a :class:`VIOptimizer` was built for.
         x: a batch of inputs.
         mc_samples: number of weight samples; 0 uses the posterior mean.
+        linearized: average over the network linearised at the posterior mean
+            (see :meth:`VIOptimizer.prediction`).
 
     Raises:
         ValueError: if no :class:`VIOptimizer` was created for ``model``.
@@ -273,4 +314,4 @@ def prediction(model: nn.Module, x: Tensor, mc_samples: int | None = None) -> Te
     opt = None if ref is None else ref()
     if opt is None:
         raise ValueError("model: no VIOptimizer was created for this model")
-    return opt.prediction(x, mc_samples)
+    return opt.prediction(x, mc_samples, linearized=linearized)
