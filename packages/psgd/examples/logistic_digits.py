@@ -27,5 +27,5 @@ for name in ("KronWhiten", "LRAWhiten", "AdamW"):
         acc = (model(x_test).argmax(1) == split.y_test).float().mean()
         test = torch.nn.functional.cross_entropy(model(x_test), split.y_test)
     print(
-        f"{name}: train loss {float(loss):.4f}, test loss {float(test):.4f}, accuracy {float(acc):.3f}"
+        f"{name}: train loss {float(loss.detach()):.4f}, test loss {float(test):.4f}, accuracy {float(acc):.3f}"
     )
