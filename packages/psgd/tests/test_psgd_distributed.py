@@ -58,6 +58,60 @@ def test_two_process_ddp_equals_single_process(geometry: str) -> None:
         assert torch.equal(a, b)  # ranks hold identical parameters
 
 
+def _run_whiten(rank: int, world: int, name: str) -> tuple[list[list[float]], int]:
+    """A whitening family optimizer under data parallelism; returns the parameters and how
+    many preconditioner fits this rank ran."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    model = _model()
+    cls = getattr(psgd, name)
+    # LRA: one preconditioner per group, so one group per parameter to have units to split
+    params = (
+        [{"params": [p]} for p in model.parameters()] if name == "LRAWhiten" else model.parameters()
+    )
+    opt = cls(params, lr=0.01, momentum=0.9)
+    fits = 0
+    update = opt._unit_update
+
+    def counted(*args, **kwargs):
+        nonlocal fits
+        fits += 1
+        return update(*args, **kwargs)
+
+    opt._unit_update = counted
+    x, y = _data()
+    per = x.shape[1] // world
+    for t in range(STEPS):
+        xs = x[t, rank * per : (rank + 1) * per]
+        ys = y[t, rank * per : (rank + 1) * per]
+        opt.zero_grad()
+        ((model(xs) - ys) ** 2).mean().backward()
+        if world > 1:
+            for p in model.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        opt.step()
+    return [p.detach().double().reshape(-1).tolist() for p in model.parameters()], fits
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", ["KronWhiten", "LRAWhiten"])
+def test_whitening_family_ddp_splits_the_fits_and_equals_single_process(name: str) -> None:
+    """Each of 2 gloo ranks fits only its own units' preconditioners (by cost) and
+    broadcasts them; the parameters equal a single process's (to 1e-5)."""
+    single, fits1 = _run_whiten(0, 1, name)
+    ranks = spawn(2, _run_whiten, name, timeout=120.0)
+    for params, _ in ranks:
+        for a, b in zip(single, params):
+            a, b = torch.tensor(a), torch.tensor(b)
+            assert torch.allclose(a, b, atol=1e-5, rtol=0), (a - b).abs().max()
+    assert ranks[0][0] == ranks[1][0]  # ranks hold identical parameters
+    fits = [f for _, f in ranks]
+    assert fits1 == 4 * STEPS  # 4 parameters, a fit every step (probability 1)
+    assert sum(fits) == fits1 and min(fits) > 0  # split, not repeated
+
+
 def test_owners_split_work_by_cost() -> None:
     from optcore.distributed import assign_by_cost
     from psgd.factors import factor_cost

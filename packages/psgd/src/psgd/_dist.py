@@ -50,6 +50,17 @@ class Ownership:
             self._key = key
         return self._owners
 
+    def owners_by_cost(self, key: Any, costs: list[float]) -> list[int] | None:
+        """``owner[j]`` for item ``j`` of ``costs`` (None when not distributed); ``key``
+        identifies the item list, the assignment is recomputed when it changes."""
+        if not self.active():
+            return None
+        key = (odist.get_world_size(), key)
+        if key != self._key:
+            self._owners = odist.assign_by_cost(costs, odist.get_world_size())
+            self._key = key
+        return self._owners
+
     @staticmethod
     def mine(owner: int) -> bool:
         return owner == odist.get_rank()

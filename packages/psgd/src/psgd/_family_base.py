@@ -9,6 +9,12 @@ update-probability counter, non-finite gradients and the tensor-only state.
 DTensor (FSDP2-style) parameters, sharded or replicated: gradients (and ``H v``)
 are gathered to full tensors, the state is full-size on every rank, and each rank
 adds its own piece of the identical update (``psgd._dtensor``).
+
+Under ``torch.distributed`` (more than one rank) the whitening variants fit each
+unit's preconditioner on one rank only (units assigned to ranks by cost, as
+``Kron`` does) and broadcast it, so all ranks keep identical preconditioners
+without repeating the fit. Newton variants fit on every rank: their ``H v`` comes
+from the closure's local batch.
 """
 
 from __future__ import annotations
@@ -20,9 +26,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from optcore import distributed as odist
 from optcore.curvature import hvp as optcore_hvp
 
 from ._base import PSGDBase, check_positive, check_unit, closure_loss
+from ._dist import Ownership
 from ._dtensor import full, like
 from .factors import GEOMETRIES
 from .schedule import advance, check_probability
@@ -36,7 +44,9 @@ class FamilyBase(PSGDBase):
     newton: bool = False
     flat: bool = False  # one preconditioner per parameter group over the flattened parameters
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+    def __init__(
+        self, params: Iterable[Any], defaults: dict[str, Any], distributed: bool | None = None
+    ) -> None:
         check_positive("lr", defaults["lr"], allow_zero=True)
         check_positive("lr_preconditioner", defaults["lr_preconditioner"])
         check_unit("momentum", defaults["momentum"])
@@ -57,9 +67,12 @@ class FamilyBase(PSGDBase):
             raise ValueError(
                 f"hvp_method must be 'autograd' or 'fd', got {defaults['hvp_method']!r}"
             )
+        if distributed is not None and not isinstance(distributed, bool):
+            raise TypeError(f"distributed must be a bool or None, got {type(distributed).__name__}")
         super().__init__(params, defaults)
         for key in ("prob_step", "update_counter", "num_updates"):
             self._counters[key] = torch.tensor(0, dtype=torch.int64)
+        self._ownership = Ownership(distributed)
 
     # ----------------------------------------------------- subclass interface
     def _unit_init(self, group: dict[str, Any], state: dict[str, Any], g: Tensor) -> None:
@@ -175,6 +188,7 @@ class FamilyBase(PSGDBase):
                 flat_index[(id(group), i)] = offset + i
             offset += len(group["params"])
 
+        work = []  # units with finite gradients: (uidx, group, params, state, g, h, v, x)
         for uidx, (group, idxs, params) in enumerate(self._units()):
             gl = [grads[flat_index[(id(group), i)]] for i in idxs]
             if all(g is None for g in gl):
@@ -208,22 +222,33 @@ class FamilyBase(PSGDBase):
                 beta = min(t / (t + 1), group["momentum"])
                 state["momentum_buffer"].mul_(beta).add_(g, alpha=1 - beta)
                 x = state["momentum_buffer"]
-            if do_update:
-                if self.newton:
-                    assert h is not None and v is not None
-                    if group["damping"] > 0:
-                        h = h + group["damping"] * self._randn_like(h, n_upd, -1 - uidx)
-                    self._unit_update(group, state, h, v, balance)
-                else:
-                    target = x if group["whiten_momentum"] else g
-                    if group["damping"] > 0:
-                        target = target + group["damping"] * self._randn_like(
-                            target, n_upd, -1 - uidx
-                        )
-                    probe = (
-                        self._randn_like(target, n_upd, uidx) if self._unit_needs_v(group) else None
-                    )
-                    self._unit_update(group, state, target, probe, balance)
+            work.append((uidx, group, params, state, g, h, v, x))
+
+        owners = None
+        if do_update and not self.newton:
+            fitted = [self._fitted_tensors(w[3]) for w in work]
+            key = tuple((w[0], tuple(tuple(t.shape) for t in f)) for w, f in zip(work, fitted))
+            costs = [float(sum(t.numel() ** 1.5 for t in f)) for f in fitted]
+            owners = self._ownership.owners_by_cost(key, costs)
+        for j, (uidx, group, _, state, g, h, v, x) in enumerate(work):
+            if not do_update or (owners is not None and not self._ownership.mine(owners[j])):
+                continue
+            if self.newton:
+                assert h is not None and v is not None
+                if group["damping"] > 0:
+                    h = h + group["damping"] * self._randn_like(h, n_upd, -1 - uidx)
+                self._unit_update(group, state, h, v, balance)
+            else:
+                target = x if group["whiten_momentum"] else g
+                if group["damping"] > 0:
+                    target = target + group["damping"] * self._randn_like(target, n_upd, -1 - uidx)
+                probe = self._randn_like(target, n_upd, uidx) if self._unit_needs_v(group) else None
+                self._unit_update(group, state, target, probe, balance)
+        if owners is not None:  # every unit's fitted preconditioner from its owner
+            for j, w in enumerate(work):
+                odist.broadcast_tensors(self._fitted_tensors(w[3]), src=owners[j])
+
+        for _, group, params, state, _, _, _, x in work:
             pre = self._unit_apply(group, state, x)
             max_rms, max_amp = group["grad_clip_max_rms"], group["grad_clip_max_amp"]
             if math.isfinite(max_rms):
@@ -236,6 +261,15 @@ class FamilyBase(PSGDBase):
                     p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(like(p, d.to(p.dtype)), alpha=-group["lr"])
         return loss
+
+    @staticmethod
+    def _fitted_tensors(state: dict[str, Any]) -> list[Tensor]:
+        """A unit's preconditioner state: every state tensor but its step and momentum."""
+        return [
+            v
+            for k, v in sorted(state.items())
+            if isinstance(v, Tensor) and k not in ("step", "momentum_buffer")
+        ]
 
 
 def closure_as_loss(closure: Callable[[], Any]) -> Callable[[], Tensor]:

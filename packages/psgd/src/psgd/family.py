@@ -193,6 +193,10 @@ class KronWhiten(_KronFamily):
         grad_clip_max_amp: clip its elements (inf: off).
         preconditioner_dtype: dtype of ``Q`` (bfloat16 keeps float32 norms and solves).
         merge_dims: merge dims of tensors with ndim > 2 into a matrix.
+        distributed: under ``torch.distributed`` fit each parameter's preconditioner on
+            one rank (assigned by cost) and broadcast it (default: when a process group
+            with more than one rank is initialised). Gradients must be the same on every
+            rank (all-reduced, as DDP does).
     """
 
     newton = False
@@ -217,6 +221,7 @@ class KronWhiten(_KronFamily):
         grad_clip_max_amp: float = math.inf,
         preconditioner_dtype: torch.dtype | None = None,
         merge_dims: bool = True,
+        distributed: bool | None = None,
     ) -> None:
         defaults = _common(
             lr, lr_preconditioner, momentum, preconditioner_update_probability,
@@ -229,7 +234,7 @@ class KronWhiten(_KronFamily):
             preconditioner_max_skew=preconditioner_max_skew,
             merge_dims=merge_dims,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, distributed)
 
 
 class KronNewton(_KronFamily):

@@ -154,7 +154,7 @@ class LRAWhiten(_LRA):
         rank: rank ``r`` of ``U`` and ``V`` (0: diagonal preconditioner).
         preconditioner_init_scale: initial ``d``; None: from the first gradient.
         beta_lipschitz, damping, weight_decay, grad_clip_max_rms, grad_clip_max_amp,
-            preconditioner_dtype, whiten_momentum: as :class:`psgd.KronWhiten`.
+            preconditioner_dtype, whiten_momentum, distributed: as :class:`psgd.KronWhiten`.
     """
 
     newton = False
@@ -176,6 +176,7 @@ class LRAWhiten(_LRA):
         grad_clip_max_amp: float = math.inf,
         preconditioner_dtype: torch.dtype | None = None,
         whiten_momentum: bool = False,
+        distributed: bool | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -195,6 +196,7 @@ class LRAWhiten(_LRA):
                 "autograd",
                 whiten_momentum,
             ),
+            distributed,
         )
 
 
