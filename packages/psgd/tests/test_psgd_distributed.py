@@ -23,13 +23,12 @@ def _model():
     return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3))
 
 
-def _run(rank: int, world: int, geometry: str) -> list[list[float]]:
+def _train_data_parallel(model, opt, rank: int, world: int) -> list[list[float]]:
+    """STEPS steps on this rank's share of each batch, gradients averaged over the ranks
+    (as DDP does); returns the parameters as plain lists (tensors sent through a
+    multiprocessing queue outlive their process badly)."""
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    model = _model()
-    torch.manual_seed(1)  # the optimizer's probe seed
-    opt = psgd.Kron(model.parameters(), lr=0.01, geometry=geometry)
     x, y = _data()
     per = x.shape[1] // world
     for t in range(STEPS):
@@ -42,8 +41,15 @@ def _run(rank: int, world: int, geometry: str) -> list[list[float]]:
                 dist.all_reduce(p.grad)
                 p.grad /= world
         opt.step()
-    # plain lists: tensors sent through a multiprocessing queue outlive their process badly
     return [p.detach().double().reshape(-1).tolist() for p in model.parameters()]
+
+
+def _run(rank: int, world: int, geometry: str) -> list[list[float]]:
+    torch.set_num_threads(1)
+    model = _model()
+    torch.manual_seed(1)  # the optimizer's probe seed
+    opt = psgd.Kron(model.parameters(), lr=0.01, geometry=geometry)
+    return _train_data_parallel(model, opt, rank, world)
 
 
 @pytest.mark.distributed
@@ -61,8 +67,6 @@ def test_two_process_ddp_equals_single_process(geometry: str) -> None:
 def _run_whiten(rank: int, world: int, name: str) -> tuple[list[list[float]], int]:
     """A whitening family optimizer under data parallelism; returns the parameters and how
     many preconditioner fits this rank ran."""
-    import torch.distributed as dist
-
     torch.set_num_threads(1)
     model = _model()
     cls = getattr(psgd, name)
@@ -80,19 +84,7 @@ def _run_whiten(rank: int, world: int, name: str) -> tuple[list[list[float]], in
         return update(*args, **kwargs)
 
     opt._unit_update = counted
-    x, y = _data()
-    per = x.shape[1] // world
-    for t in range(STEPS):
-        xs = x[t, rank * per : (rank + 1) * per]
-        ys = y[t, rank * per : (rank + 1) * per]
-        opt.zero_grad()
-        ((model(xs) - ys) ** 2).mean().backward()
-        if world > 1:
-            for p in model.parameters():
-                dist.all_reduce(p.grad)
-                p.grad /= world
-        opt.step()
-    return [p.detach().double().reshape(-1).tolist() for p in model.parameters()], fits
+    return _train_data_parallel(model, opt, rank, world), fits
 
 
 @pytest.mark.distributed
