@@ -42,8 +42,39 @@ def _val_rows(s, ks, pred):
         }
 
 
+class FanInVI(torchsso.VIOptimizer):
+    """VOGN with a layer-wise prior: variance ``c / fan_in`` for each layer's block.
+
+    ``c`` is passed as ``prior_variance``; the prior precision ``tau / (N c / fan_in)``
+    enters each block's damping and the gradient's prior term (through the group's
+    ``l2_reg``, constant: use it without KL warm-up).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for group, block in zip(self.param_groups, self.blocks):
+            group["l2_reg"] = self._block_prior(block)
+
+    def _block_prior(self, block) -> float:
+        fan_in = block.params[0].shape[1] if block.params[0].dim() > 1 else 1
+        return self.tau() * fan_in / (self.dataset_size * self.prior_variance)
+
+    def _block_damping(self, block, base: float) -> float:
+        return base + self._block_prior(block)
+
+    def _prior_l2(self) -> float:
+        return 0.0
+
+
 def run(
-    s, hp: dict | None, seed: int, epochs: int, ks, ema: float, linearized: bool = False
+    s,
+    hp: dict | None,
+    seed: int,
+    epochs: int,
+    ks,
+    ema: float,
+    linearized: bool = False,
+    fan_in: bool = False,
 ) -> dict:
     """One training run; ``hp=None`` is Adam (lr 1e-3). Returns {(epoch, K): metrics}."""
     model = B.mlp(seed)
@@ -55,7 +86,7 @@ def run(
 
         ks = (0,)
     else:
-        opt = torchsso.VIOptimizer(
+        opt = (FanInVI if fan_in else torchsso.VIOptimizer)(
             model, len(s["x"]), "Cov", {"Linear": "Diag"},
             {"ema_decay": ema, "damping": hp["damping"]}, lr=hp["lr"], momentum=0.9,
             prior_variance=hp["prior_variance"], kl_weighting=hp["kl_weighting"], seed=seed,
@@ -84,6 +115,10 @@ def main() -> None:
     ap.add_argument(
         "--linearized", action="store_true", help="predict with the network linearised at the mean"
     )
+    ap.add_argument(
+        "--fan-in", action="store_true",
+        help="layer-wise prior: each layer's prior variance is prior_variance / fan_in",
+    )  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(1)
     s = B._split_val()
@@ -93,7 +128,7 @@ def main() -> None:
         todo.append((spec, dict(prior_variance=pv, kl_weighting=kl, lr=lr, damping=dmp)))
     for name, hp in todo:
         runs = [
-            run(s, hp, seed, args.epochs, args.K, args.ema, args.linearized)
+            run(s, hp, seed, args.epochs, args.K, args.ema, args.linearized, args.fan_in)
             for seed in range(args.seeds)
         ]
         best = None

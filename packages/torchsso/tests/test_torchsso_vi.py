@@ -122,11 +122,14 @@ def test_linearized_prediction_is_the_network_linearised_at_the_mean(shape):
         opt = VIOptimizer(m, 32, "Cov", shape, {"damping": 1e-2}, lr=0.05, seed=1)
         for _ in range(3):
             opt.step(ce_closure(opt, m, x, y))
-        state = opt.generator.get_state()
-        lin = torchsso.prediction(m, x, mc_samples=4, linearized=True)
-        opt.generator.set_state(state)
+        lin = torchsso.prediction(
+            m, x, mc_samples=4, linearized=True, generator=torch.Generator().manual_seed(5)
+        )
+        draws = torch.Generator().manual_seed(5)
         if not nonlinear:
-            torch.testing.assert_close(lin, torchsso.prediction(m, x, mc_samples=4))
+            torch.testing.assert_close(
+                lin, torchsso.prediction(m, x, mc_samples=4, generator=draws)
+            )
             continue
         params = opt.blocks_params()
         mu = [p.detach().clone() for p in params]
@@ -135,7 +138,7 @@ def test_linearized_prediction_is_the_network_linearised_at_the_mean(shape):
         with torch.no_grad():
             f0 = m(x)
             for _ in range(4):
-                eps = [e for es in opt.sample_params() for e in es]
+                eps = [e for es in opt.sample_params(draws) for e in es]
                 outs = []
                 for sign in (1.0, -1.0):
                     for p, a, e in zip(params, mu, eps):
@@ -169,6 +172,61 @@ def test_kl_warmup_schedule_and_bad_args():
         VIOptimizer(m, 10, "Fisher", "Kron", prior_variance=0.0)
     with pytest.raises(ValueError, match="Hessian"):
         VIOptimizer(m, 10, "Hessian", "Diag")
+
+
+@pytest.mark.parametrize("shape", ["Diag", "Kron"])
+def test_prediction_leaves_the_training_run_alone_and_follows_its_generator(shape):
+    """Predicting between steps (sampled and linearised) does not change the trained
+    weights; the draws come from the generator given, or from torch's global one."""
+    x, y = _data()
+
+    def run(predict: bool) -> tuple[list[torch.Tensor], VIOptimizer]:
+        torch.manual_seed(3)
+        m = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+        opt = VIOptimizer(m, 64, "Cov", shape, {"damping": 1e-2}, lr=0.05, seed=2)
+        for _ in range(6):
+            opt.step(ce_closure(opt, m, x, y))
+            if predict:
+                torchsso.prediction(m, x, mc_samples=3)
+                torchsso.prediction(m, x, mc_samples=2, linearized=True)
+        return [p.detach().clone() for p in m.parameters()], opt
+
+    plain, _ = run(False)
+    interleaved, opt = run(True)
+    for a, b in zip(plain, interleaved):
+        assert torch.equal(a, b)
+
+    torch.manual_seed(11)
+    first = opt.prediction(x, 3)
+    torch.manual_seed(11)
+    assert torch.equal(first, opt.prediction(x, 3))
+    torch.manual_seed(12)
+    assert not torch.allclose(first, opt.prediction(x, 3))
+    given = [opt.prediction(x, 3, generator=torch.Generator().manual_seed(4)) for _ in range(2)]
+    assert torch.equal(given[0], given[1])
+    with pytest.raises(TypeError, match="generator"):
+        opt.prediction(x, 3, generator=4)  # type: ignore[arg-type]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", ["Diag", "Kron"])
+def test_vi_on_cuda_draws_the_same_noise_as_on_the_cpu(shape):
+    """The optimizer's generator lives on the host: on CUDA the steps and the posterior
+    draws use the same noise as on the CPU, so the runs agree to rounding."""
+    x, y = _data()
+    runs = []
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(3)
+        m = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double().to(device)
+        xd, yd = x.double().to(device), y.to(device)
+        opt = VIOptimizer(m, 64, "Cov", shape, {"damping": 1e-2}, lr=0.05, seed=2)
+        for _ in range(4):
+            opt.step(ce_closure(opt, m, xd, yd))
+        pred = opt.prediction(xd, 3, generator=torch.Generator().manual_seed(1))
+        runs.append(([p.detach().cpu() for p in m.parameters()], pred.cpu()))
+    for a, b in zip(runs[0][0], runs[1][0]):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=1e-7, atol=1e-9)
 
 
 @pytest.mark.parametrize("shape", ["Diag", "Kron"])

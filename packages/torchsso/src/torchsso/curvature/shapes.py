@@ -143,7 +143,15 @@ class LayerCurvature:
 
 
 def _randn(shape, like: Tensor, gen: torch.Generator | None) -> Tensor:
-    return torch.randn(shape, generator=gen, dtype=like.dtype, device=like.device)
+    """Standard normal draws of ``like``'s dtype on ``like``'s device.
+
+    A generator on another device (the optimizers' generators live on the host) draws
+    on its own device and the draws are moved, so a seed gives the same noise on the
+    CPU and on an accelerator (``torch.randn`` refuses a generator of another device).
+    """
+    if gen is None or gen.device == like.device:
+        return torch.randn(shape, generator=gen, dtype=like.dtype, device=like.device)
+    return torch.randn(shape, generator=gen, dtype=like.dtype, device=gen.device).to(like.device)
 
 
 class Diag(LayerCurvature):

@@ -176,8 +176,14 @@ class VIOptimizer(SecondOrderOptimizer):
         return ready
 
     @torch.no_grad()
-    def sample_params(self) -> list[list[Tensor]]:
-        """One draw ``eps ~ N(0, Sigma)`` per block (not applied)."""
+    def sample_params(self, generator: torch.Generator | None = None) -> list[list[Tensor]]:
+        """One draw ``eps ~ N(0, Sigma)`` per block (not applied).
+
+        Args:
+            generator: random generator of the draw; None: the optimizer's own (the
+                training noise stream, saved by ``state_dict``).
+        """
+        gen = self.generator if generator is None else generator
         scale = self.tau() / self.dataset_size
         out = []
         for b in self.blocks:
@@ -185,7 +191,7 @@ class VIOptimizer(SecondOrderOptimizer):
             if inv is None:
                 out.append([torch.zeros_like(p) for p in b.params])
             else:
-                out.append(b.sample(inv, scale, self.generator))
+                out.append(b.sample(inv, scale, gen))
         return out
 
     def _forward_backward(self, closure: Callable[[], Any]) -> Tensor:
@@ -219,7 +225,12 @@ class VIOptimizer(SecondOrderOptimizer):
 
     @torch.no_grad()
     def prediction(
-        self, x: Tensor, mc_samples: int | None = None, *, linearized: bool = False
+        self,
+        x: Tensor,
+        mc_samples: int | None = None,
+        *,
+        linearized: bool = False,
+        generator: torch.Generator | None = None,
     ) -> Tensor:
         """Predictive distribution averaged over ``mc_samples`` posterior samples.
 
@@ -232,6 +243,10 @@ class VIOptimizer(SecondOrderOptimizer):
                 the network itself at ``mu + eps`` (the "GLM predictive" of a
                 Gauss-Newton posterior: the curvature it was fitted with describes the
                 linearised network). Default False.
+            generator: random generator of the posterior draws; None: PyTorch's global
+                (host) generator, so ``torch.manual_seed`` makes predictions repeatable.
+                Never the optimizer's own generator: predicting during training does not
+                change the training run.
 
         Returns:
             Class probabilities (``loss="cross_entropy"``) or mean outputs (``"mse"``).
@@ -247,16 +262,21 @@ class VIOptimizer(SecondOrderOptimizer):
         def link(o: Tensor) -> Tensor:
             return torch.softmax(o, dim=-1) if probs else o
 
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+            )
         if K == 0 or all(self._inverse(b) is None for b in self.blocks):
             return link(model(x))
+        gen = torch.default_generator if generator is None else generator
         params = self.blocks_params()
         if linearized:
-            return self._linearized(x, params, K, link)
+            return self._linearized(x, params, K, link, gen)
         means = [p.detach().clone() for p in params]
         acc: Tensor | None = None
         try:
             for _ in range(K):
-                noise = [e for es in self.sample_params() for e in es]
+                noise = [e for es in self.sample_params(gen) for e in es]
                 for p, m, e in zip(params, means, noise):
                     p.copy_(m + e)
                 o = link(model(x))
@@ -268,7 +288,12 @@ class VIOptimizer(SecondOrderOptimizer):
         return acc / K
 
     def _linearized(
-        self, x: Tensor, params: list[Tensor], k: int, link: Callable[[Tensor], Tensor]
+        self,
+        x: Tensor,
+        params: list[Tensor],
+        k: int,
+        link: Callable[[Tensor], Tensor],
+        gen: torch.Generator,
     ) -> Tensor:
         """``mean_s link(f(x; mu) + J(x) eps_s)`` by ``torch.func.jvp`` at the mean."""
         from torch.func import functional_call, jvp
@@ -286,7 +311,7 @@ class VIOptimizer(SecondOrderOptimizer):
 
         acc: Tensor | None = None
         for _ in range(k):
-            noise = [e for es in self.sample_params() for e in es]
+            noise = [e for es in self.sample_params(gen) for e in es]
             tangents = {n: e.to(p.dtype) for n, p, e in zip(keys, params, noise)}
             res = jvp(f, (primals,), (tangents,))
             o = link(res[0] + res[1])
@@ -296,7 +321,12 @@ class VIOptimizer(SecondOrderOptimizer):
 
 
 def prediction(
-    model: nn.Module, x: Tensor, mc_samples: int | None = None, *, linearized: bool = False
+    model: nn.Module,
+    x: Tensor,
+    mc_samples: int | None = None,
+    *,
+    linearized: bool = False,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """Bayesian model average of ``model`` on ``x`` under its :class:`VIOptimizer` posterior.
 
@@ -306,6 +336,8 @@ def prediction(
         mc_samples: number of weight samples; 0 uses the posterior mean.
         linearized: average over the network linearised at the posterior mean
             (see :meth:`VIOptimizer.prediction`).
+        generator: random generator of the posterior draws (None: PyTorch's global one;
+            see :meth:`VIOptimizer.prediction`).
 
     Raises:
         ValueError: if no :class:`VIOptimizer` was created for ``model``.
@@ -314,4 +346,4 @@ def prediction(
     opt = None if ref is None else ref()
     if opt is None:
         raise ValueError("model: no VIOptimizer was created for this model")
-    return opt.prediction(x, mc_samples, linearized=linearized)
+    return opt.prediction(x, mc_samples, linearized=linearized, generator=generator)
