@@ -397,3 +397,26 @@ def test_max_update_ratio_bounds_each_layer_step():
         assert 0 < step <= 1e-3 * wn * (1 + 1e-5)
     with pytest.raises(ValueError, match="max_update_ratio"):
         SecondOrderOptimizer(m, "Cov", "Kron", max_update_ratio=0.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
+def test_cuda_steps_match_cpu_steps(cfg):
+    """Every configuration trains on CUDA; sampled Fisher labels come from the host
+    generator, so four float64 steps agree with the CPU's to rounding."""
+    curv, shapes, kw = cfg
+    conv = "Conv2d" in shapes
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 1, 4, 4, generator=g) if conv else torch.randn(16, 6, generator=g)
+    y = torch.randint(0, 4, (16,), generator=g)
+    finals = []
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(1)
+        model = (_cnn() if conv else _mlp()).double().to(device)
+        opt = SecondOrderOptimizer(model, curv, shapes, {"damping": 1e-2, **kw}, lr=0.1)
+        xd, yd = x.double().to(device), y.to(device)
+        for _ in range(4):
+            opt.step(ce_closure(opt, model, xd, yd))
+        finals.append([p.detach().cpu() for p in model.parameters()])
+    for a, b in zip(*finals):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
