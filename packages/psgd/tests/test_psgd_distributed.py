@@ -104,6 +104,82 @@ def test_whitening_family_ddp_splits_the_fits_and_equals_single_process(name: st
     assert sum(fits) == fits1 and min(fits) > 0  # split, not repeated
 
 
+_NEWTON = {
+    "KronNewton": dict(lr=0.05),
+    "KronNewton-fd": dict(lr=0.05, hvp_method="fd"),
+    "LRANewton": dict(lr=0.05, rank=3),
+    "DenseNewton": dict(lr=0.05),
+}
+
+
+def _run_newton(
+    rank: int, world: int, name: str, ddp: bool, distributed: bool | None = None
+) -> tuple[list[list[float]], int]:
+    """A Newton variant with each rank's closure on its own share of every batch (the model
+    wrapped in DDP or not); returns the parameters and how many fits this rank ran."""
+    torch.set_num_threads(1)
+    model = _model().double()
+    net = model
+    if ddp and world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model)
+    cls = getattr(psgd, name.split("-")[0])
+    # LRA / Dense: one preconditioner per group, so one group per parameter to split
+    params = (
+        [{"params": [p]} for p in model.parameters()]
+        if name.startswith(("LRA", "Dense"))
+        else model.parameters()
+    )
+    torch.manual_seed(1)  # the optimizer's probe seed
+    opt = cls(params, **_NEWTON[name], distributed=distributed)
+    fits = 0
+    update = opt._unit_update
+
+    def counted(*args, **kwargs):
+        nonlocal fits
+        fits += 1
+        return update(*args, **kwargs)
+
+    opt._unit_update = counted
+    x, y = _data()
+    per = x.shape[1] // world
+    for t in range(STEPS):
+        xs = x[t, rank * per : (rank + 1) * per].double()
+        ys = y[t, rank * per : (rank + 1) * per].double()
+        opt.step(lambda xs=xs, ys=ys: ((net(xs) - ys) ** 2).mean())
+    return [p.detach().reshape(-1).tolist() for p in model.parameters()], fits
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    ("name", "ddp"),
+    [("KronNewton", False), ("KronNewton", True), ("KronNewton-fd", False),
+     ("LRANewton", False), ("DenseNewton", True)],
+)  # fmt: skip
+def test_newton_variants_average_grads_and_hvps_over_ranks(name: str, ddp: bool) -> None:
+    """Gradients and H v come from torch.autograd.grad, which DDP does not reduce: the
+    optimizer averages them over the 2 gloo ranks, so the parameters equal a single
+    process's on the whole batch (float64, to 1e-10), identical on both ranks, with the
+    fits split between them."""
+    single, fits1 = _run_newton(0, 1, name, ddp)
+    ranks = spawn(2, _run_newton, name, ddp, timeout=120.0)
+    for params, _ in ranks:
+        for a, b in zip(single, params):
+            a, b = torch.tensor(a), torch.tensor(b)
+            assert torch.allclose(a, b, atol=1e-10, rtol=0), (a - b).abs().max()
+    assert ranks[0][0] == ranks[1][0]  # ranks hold identical parameters
+    fits = [f for _, f in ranks]
+    assert fits1 == 4 * STEPS  # 4 units, a fit every step (probability 1)
+    assert sum(fits) == fits1 and min(fits) > 0  # split, not repeated
+
+
+@pytest.mark.distributed
+def test_newton_distributed_false_steps_each_rank_on_its_own() -> None:
+    """``distributed=False``: no averaging, every rank fits all its preconditioners."""
+    ranks = spawn(2, _run_newton, "LRANewton", False, False, timeout=120.0)
+    assert ranks[0][0] != ranks[1][0]  # each rank followed its own shares
+    assert [f for _, f in ranks] == [4 * STEPS, 4 * STEPS]
+
+
 def test_owners_split_work_by_cost() -> None:
     from optcore.distributed import assign_by_cost
     from psgd.factors import factor_cost

@@ -13,8 +13,11 @@ adds its own piece of the identical update (``psgd._dtensor``).
 Under ``torch.distributed`` (more than one rank) the whitening variants fit each
 unit's preconditioner on one rank only (units assigned to ranks by cost, as
 ``Kron`` does) and broadcast it, so all ranks keep identical preconditioners
-without repeating the fit. Newton variants fit on every rank: their ``H v`` comes
-from the closure's local batch.
+without repeating the fit. The Newton variants take their gradients and ``H v``
+with ``torch.autograd.grad``, which DDP does not reduce, so there the optimizer
+averages both over the ranks itself (plain, non-DTensor parameters; the probes
+``v`` are drawn identically on every rank) before fitting the same way: each rank
+passes the closure of its own share of the batch.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from optcore.curvature import hvp as optcore_hvp
 
 from ._base import PSGDBase, check_positive, check_unit, closure_loss
 from ._dist import Ownership
-from ._dtensor import full, like
+from ._dtensor import full, is_dtensor, like
 from .factors import GEOMETRIES
 from .schedule import advance, check_probability
 
@@ -167,6 +170,14 @@ class FamilyBase(PSGDBase):
                     fd = optcore_hvp(closure_as_loss(closure), params, probes, method="fd")
                     hvps = [full(h) for h in fd]
         grads = [g.detach() for g in grads]
+        if self._ownership.active():
+            # data parallel: the gradient and H v of the mean loss over all ranks' shares
+            # (DTensor parameters' products are global already)
+            local = [i for i, p in enumerate(params) if not is_dtensor(p)]
+            reduce = [grads[i] for i in local]
+            if hvps is not None:
+                reduce += [hvps[i] for i in local]
+            odist.all_reduce_mean(reduce)
         for p, g in zip(params, grads):
             p.grad = g.clone()
         return loss.detach(), [full(g) for g in grads], hvps, vs
@@ -225,7 +236,7 @@ class FamilyBase(PSGDBase):
             work.append((uidx, group, params, state, g, h, v, x))
 
         owners = None
-        if do_update and not self.newton:
+        if do_update:
             fitted = [self._fitted_tensors(w[3]) for w in work]
             key = tuple((w[0], tuple(tuple(t.shape) for t in f)) for w, f in zip(work, fitted))
             costs = [float(sum(t.numel() ** 1.5 for t in f)) for f in fitted]

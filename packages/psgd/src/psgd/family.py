@@ -244,6 +244,13 @@ class KronNewton(_KronFamily):
     ``backward``; gradients and ``H v`` (double backward, or central finite
     differences with ``hvp_method="fd"`` or when second derivatives are
     unavailable) are computed inside. Other arguments as :class:`KronWhiten`.
+
+    Under ``torch.distributed`` (``distributed``: default when a process group with
+    more than one rank exists) each rank's closure computes the loss of its own share
+    of the batch; the gradients and ``H v`` (which DDP does not reduce, as they come
+    from ``torch.autograd.grad``) are averaged over the ranks here, and the fits are
+    split over the ranks as in :class:`KronWhiten`. ``distributed=False``: every rank
+    steps on its own.
     """
 
     newton = True
@@ -268,6 +275,7 @@ class KronNewton(_KronFamily):
         preconditioner_dtype: torch.dtype | None = None,
         merge_dims: bool = True,
         hvp_method: str = "autograd",
+        distributed: bool | None = None,
     ) -> None:
         defaults = _common(
             lr, lr_preconditioner, momentum, preconditioner_update_probability,
@@ -280,7 +288,7 @@ class KronNewton(_KronFamily):
             preconditioner_max_skew=preconditioner_max_skew,
             merge_dims=merge_dims,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, distributed)
 
 
 class DenseNewton(_KronFamily):
@@ -311,6 +319,7 @@ class DenseNewton(_KronFamily):
         grad_clip_max_amp: float = math.inf,
         preconditioner_dtype: torch.dtype | None = None,
         hvp_method: str = "autograd",
+        distributed: bool | None = None,
     ) -> None:
         defaults = _common(
             lr, lr_preconditioner, momentum, preconditioner_update_probability,
@@ -318,4 +327,4 @@ class DenseNewton(_KronFamily):
             grad_clip_max_rms, grad_clip_max_amp, preconditioner_dtype, hvp_method,
         )  # fmt: skip
         defaults.update(whiten_momentum=False)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, distributed)

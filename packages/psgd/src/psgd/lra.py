@@ -205,7 +205,8 @@ class LRANewton(_LRA):
 
     ``step(closure)`` needs a closure returning the loss (no ``backward``); ``H v``
     by double backward or finite differences (``hvp_method="fd"``, or automatically
-    when second derivatives are unavailable). Arguments as :class:`LRAWhiten`.
+    when second derivatives are unavailable). Arguments as :class:`LRAWhiten`; under
+    ``torch.distributed`` as :class:`KronNewton`.
     """
 
     newton = True
@@ -227,6 +228,7 @@ class LRANewton(_LRA):
         grad_clip_max_amp: float = math.inf,
         preconditioner_dtype: torch.dtype | None = None,
         hvp_method: str = "autograd",
+        distributed: bool | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -246,4 +248,5 @@ class LRANewton(_LRA):
                 hvp_method,
                 False,
             ),
+            distributed,
         )
