@@ -17,6 +17,8 @@ Conventions (``B`` examples, ``L`` positions per example: sequence steps for a
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -128,7 +130,14 @@ def _generic(m: nn.Module, names: list[str], rec: Record, g: Tensor, bdim: int) 
         pull = vjp(f, params)[1]
         return pull(gi.unsqueeze(bdim))[0]
 
-    out = vmap(one, in_dims=(in_dims, bdim))(rec.inputs, g)
+    with warnings.catch_warnings():
+        # vmap over attention (nn.MultiheadAttention's Diag/Full path) falls back to a loop
+        # over fused SDPA kernels, and torch says so once per process: nothing the user
+        # can act on (the math backend was measured no faster)
+        warnings.filterwarnings(
+            "ignore", message=r".*batching rule for aten::_scaled_dot_product", category=UserWarning
+        )
+        out = vmap(one, in_dims=(in_dims, bdim))(rec.inputs, g)
     return [out[n] for n in names]
 
 
