@@ -1,0 +1,44 @@
+"""The examples run end to end on the built-in data and print what they promise."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+
+
+def _run(name: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "DATA_DIR"}  # built-in data
+    env["OMP_NUM_THREADS"] = "1"
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, timeout=600,
+        env=env,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def _last_accuracy(text: str) -> float:
+    return float(re.findall(r"test accuracy (\S+)", text)[-1])
+
+
+def test_mlp_digits_learns():
+    assert _last_accuracy(_run("mlp_digits.py")) > 0.95
+
+
+def test_convnet_example_learns_on_the_fallback_data():
+    assert _last_accuracy(_run("convnet_cifar10.py")) > 0.9
+
+
+def test_vi_calibration_reports_every_predictive():
+    rows = re.findall(r"^(.*?)\s+test accuracy (\S+)\s+ECE (\S+)$", _run("vi_calibration.py"), re.M)
+    names = [r[0] for r in rows]
+    assert any(n.startswith("VOGN, linearised") for n in names), names
+    assert any(n.startswith("VOGN, sampled") for n in names), names
+    assert "Adam" in names
+    for _, acc, ece in rows:
+        assert float(acc) > 0.9 and 0.0 <= float(ece) < 0.1, rows
