@@ -1,4 +1,4 @@
-"""The examples run end to end (slow: they train for a few epochs)."""
+"""The examples run end to end (a few epochs each, about 40 s in all)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import pytest
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["functional_digits.py", "hooks_sgd.py"])
 def test_example_runs(name):
     out = subprocess.run(
@@ -21,7 +20,6 @@ def test_example_runs(name):
     assert "epoch 4" in out.stdout
 
 
-@pytest.mark.slow
 @pytest.mark.distributed
 def test_torchrun_example_runs():
     out = subprocess.run(
