@@ -40,6 +40,28 @@ def test_regressor_fits_smooth_function() -> None:
     assert reg.score(X, y) > 0.9
 
 
+def test_read_only_input_is_used_as_is_without_a_warning() -> None:
+    """Read-only float64 arrays (joblib memmaps) fit and predict like writable copies,
+    stay unchanged, and raise no torch warning about non-writable memory."""
+    import warnings
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(120, 3))
+    y = np.cos(X[:, 0])
+    ro_X, ro_y = X.copy(), y.copy()
+    ro_X.setflags(write=False)
+    ro_y.setflags(write=False)
+    kw = dict(bandwidth=2.0, n_centers=40, epochs=3)
+    want = KernelRegressor(**kw).fit(X, y).predict(X)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        got = KernelRegressor(**kw).fit(ro_X, ro_y).predict(ro_X)
+    assert not [w for w in seen if "writable" in str(w.message)]
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(ro_X, X)
+    np.testing.assert_array_equal(ro_y, y)
+
+
 @parametrize_with_checks(
     [KernelRegressor(n_centers=50, epochs=3), KernelClassifier(n_centers=50, epochs=3)]
 )

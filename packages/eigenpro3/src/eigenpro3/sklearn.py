@@ -8,6 +8,7 @@ Centers are a random subset of the training inputs (``n_centers`` of them).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -53,8 +54,7 @@ class _KernelBase(BaseEstimator):
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.n_centers < 1:
             raise ValueError(f"n_centers must be >= 1, got {self.n_centers}")
-        Xt = torch.as_tensor(X, dtype=torch.float64)
-        Yt = torch.as_tensor(Y, dtype=torch.float64)
+        Xt, Yt = _tensor(X), _tensor(Y)
         if Yt.dim() == 1:
             Yt = Yt.unsqueeze(1)
         n = Xt.shape[0]
@@ -87,7 +87,7 @@ class _KernelBase(BaseEstimator):
     def _raw_predict(self, X: Any) -> np.ndarray:
         check_is_fitted(self, "model_")
         X = validate_data(self, X, reset=False)
-        out = self.model_.predict(torch.as_tensor(X, dtype=torch.float64))
+        out = self.model_.predict(_tensor(X))
         return out.cpu().numpy()
 
 
@@ -140,3 +140,17 @@ class KernelClassifier(ClassifierMixin, _KernelBase):
     def predict(self, X: Any) -> np.ndarray:
         out = self._raw_predict(X)
         return self.classes_[out.argmax(1)]
+
+
+def _tensor(a: Any) -> torch.Tensor:
+    """``a`` as a float64 tensor, sharing memory where it can.
+
+    Read-only arrays (joblib memmaps, as in ``GridSearchCV(n_jobs=...)``) are shared
+    too: nothing here writes into the data, so torch's warning about non-writable
+    arrays is not shown.
+    """
+    if isinstance(a, np.ndarray) and not a.flags.writeable:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*not writable", category=UserWarning)
+            return torch.as_tensor(a, dtype=torch.float64)
+    return torch.as_tensor(a, dtype=torch.float64)
