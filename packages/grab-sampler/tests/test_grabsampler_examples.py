@@ -3,37 +3,25 @@
 from __future__ import annotations
 
 import pathlib
-import subprocess
-import sys
 
 import pytest
+
+from optcore.testing import run_script
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
 
 @pytest.mark.parametrize("name", ["functional_digits.py", "hooks_sgd.py"])
 def test_example_runs(name):
-    out = subprocess.run(
-        [sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, timeout=600
-    )
-    assert out.returncode == 0, out.stderr
-    assert "epoch 4" in out.stdout
+    assert "epoch 4" in run_script(EXAMPLES / name)
 
 
 @pytest.mark.distributed
 def test_torchrun_example_runs():
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            str(EXAMPLES / "distributed_torchrun.py"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    out = run_script(
+        EXAMPLES / "distributed_torchrun.py",
+        "--nproc_per_node",
+        "2",
+        module="torch.distributed.run",
     )
-    assert out.returncode == 0, out.stderr
-    assert "epoch 4" in out.stdout
+    assert "epoch 4" in out

@@ -71,3 +71,24 @@ def test_spawn_rejects_local_function():
 
     with pytest.raises(ValueError, match="top-level"):
         spawn(2, local)
+
+
+def test_run_script_returns_stdout_and_reports_failure(tmp_path, monkeypatch):
+    from optcore.testing import run_script
+
+    ok = tmp_path / "ok.py"
+    ok.write_text(
+        "import os, sys\n"
+        "print(sys.argv[1:], os.environ.get('OMP_NUM_THREADS'), os.environ.get('GONE'))\n"
+    )
+    monkeypatch.setenv("GONE", "here")
+    assert run_script(ok, "a", "b").strip() == "['a', 'b'] 1 here"
+    assert run_script(ok, unset=("GONE",)).strip() == "[] 1 None"
+    # a module run: python -m <module> <args> <path>
+    (tmp_path / "echo_args.py").write_text("import sys\nprint(sys.argv[1:])\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    assert run_script(ok, "-x", module="echo_args").strip() == str(["-x", str(ok)])
+    bad = tmp_path / "bad.py"
+    bad.write_text("import sys\nprint('oops', file=sys.stderr)\nsys.exit(3)\n")
+    with pytest.raises(AssertionError, match="exited 3:\noops"):
+        run_script(bad)

@@ -64,27 +64,48 @@ def test_two_process_ddp_equals_single_process(geometry: str) -> None:
         assert torch.equal(a, b)  # ranks hold identical parameters
 
 
+def _count_fits(opt) -> list[int]:
+    """Counts the optimizer's preconditioner fits (``_unit_update`` calls) in ``[0]``."""
+    fits = [0]
+    update = opt._unit_update
+
+    def counted(*args, **kwargs):
+        fits[0] += 1
+        return update(*args, **kwargs)
+
+    opt._unit_update = counted
+    return fits
+
+
+def _per_group(model, flat: bool):
+    """One group per parameter for the optimizers with one preconditioner per group (so
+    that there are units to split), else the parameters."""
+    return [{"params": [p]} for p in model.parameters()] if flat else model.parameters()
+
+
+def _assert_split_and_equal(single, ranks, atol: float) -> None:
+    """Both ranks equal the single process (to ``atol``) and each other, and the fits
+    (4 units, one every step) are split between the ranks, not repeated."""
+    params1, fits1 = single
+    for params, _ in ranks:
+        for a, b in zip(params1, params):
+            a, b = torch.tensor(a), torch.tensor(b)
+            assert torch.allclose(a, b, atol=atol, rtol=0), (a - b).abs().max()
+    assert ranks[0][0] == ranks[1][0]  # ranks hold identical parameters
+    fits = [f for _, f in ranks]
+    assert fits1 == 4 * STEPS
+    assert sum(fits) == fits1 and min(fits) > 0
+
+
 def _run_whiten(rank: int, world: int, name: str) -> tuple[list[list[float]], int]:
     """A whitening family optimizer under data parallelism; returns the parameters and how
     many preconditioner fits this rank ran."""
     torch.set_num_threads(1)
     model = _model()
     cls = getattr(psgd, name)
-    # LRA: one preconditioner per group, so one group per parameter to have units to split
-    params = (
-        [{"params": [p]} for p in model.parameters()] if name == "LRAWhiten" else model.parameters()
-    )
-    opt = cls(params, lr=0.01, momentum=0.9)
-    fits = 0
-    update = opt._unit_update
-
-    def counted(*args, **kwargs):
-        nonlocal fits
-        fits += 1
-        return update(*args, **kwargs)
-
-    opt._unit_update = counted
-    return _train_data_parallel(model, opt, rank, world), fits
+    opt = cls(_per_group(model, name == "LRAWhiten"), lr=0.01, momentum=0.9)
+    fits = _count_fits(opt)
+    return _train_data_parallel(model, opt, rank, world), fits[0]
 
 
 @pytest.mark.distributed
@@ -92,16 +113,7 @@ def _run_whiten(rank: int, world: int, name: str) -> tuple[list[list[float]], in
 def test_whitening_family_ddp_splits_the_fits_and_equals_single_process(name: str) -> None:
     """Each of 2 gloo ranks fits only its own units' preconditioners (by cost) and
     broadcasts them; the parameters equal a single process's (to 1e-5)."""
-    single, fits1 = _run_whiten(0, 1, name)
-    ranks = spawn(2, _run_whiten, name, timeout=120.0)
-    for params, _ in ranks:
-        for a, b in zip(single, params):
-            a, b = torch.tensor(a), torch.tensor(b)
-            assert torch.allclose(a, b, atol=1e-5, rtol=0), (a - b).abs().max()
-    assert ranks[0][0] == ranks[1][0]  # ranks hold identical parameters
-    fits = [f for _, f in ranks]
-    assert fits1 == 4 * STEPS  # 4 parameters, a fit every step (probability 1)
-    assert sum(fits) == fits1 and min(fits) > 0  # split, not repeated
+    _assert_split_and_equal(_run_whiten(0, 1, name), spawn(2, _run_whiten, name), 1e-5)
 
 
 _NEWTON = {
@@ -123,30 +135,17 @@ def _run_newton(
     if ddp and world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model)
     cls = getattr(psgd, name.split("-")[0])
-    # LRA / Dense: one preconditioner per group, so one group per parameter to split
-    params = (
-        [{"params": [p]} for p in model.parameters()]
-        if name.startswith(("LRA", "Dense"))
-        else model.parameters()
-    )
     torch.manual_seed(1)  # the optimizer's probe seed
+    params = _per_group(model, name.startswith(("LRA", "Dense")))
     opt = cls(params, **_NEWTON[name], distributed=distributed)
-    fits = 0
-    update = opt._unit_update
-
-    def counted(*args, **kwargs):
-        nonlocal fits
-        fits += 1
-        return update(*args, **kwargs)
-
-    opt._unit_update = counted
+    fits = _count_fits(opt)
     x, y = _data()
     per = x.shape[1] // world
     for t in range(STEPS):
         xs = x[t, rank * per : (rank + 1) * per].double()
         ys = y[t, rank * per : (rank + 1) * per].double()
         opt.step(lambda xs=xs, ys=ys: ((net(xs) - ys) ** 2).mean())
-    return [p.detach().reshape(-1).tolist() for p in model.parameters()], fits
+    return [p.detach().reshape(-1).tolist() for p in model.parameters()], fits[0]
 
 
 @pytest.mark.distributed
@@ -160,16 +159,8 @@ def test_newton_variants_average_grads_and_hvps_over_ranks(name: str, ddp: bool)
     optimizer averages them over the 2 gloo ranks, so the parameters equal a single
     process's on the whole batch (float64, to 1e-10), identical on both ranks, with the
     fits split between them."""
-    single, fits1 = _run_newton(0, 1, name, ddp)
-    ranks = spawn(2, _run_newton, name, ddp, timeout=120.0)
-    for params, _ in ranks:
-        for a, b in zip(single, params):
-            a, b = torch.tensor(a), torch.tensor(b)
-            assert torch.allclose(a, b, atol=1e-10, rtol=0), (a - b).abs().max()
-    assert ranks[0][0] == ranks[1][0]  # ranks hold identical parameters
-    fits = [f for _, f in ranks]
-    assert fits1 == 4 * STEPS  # 4 units, a fit every step (probability 1)
-    assert sum(fits) == fits1 and min(fits) > 0  # split, not repeated
+    single = _run_newton(0, 1, name, ddp)
+    _assert_split_and_equal(single, spawn(2, _run_newton, name, ddp), 1e-10)
 
 
 @pytest.mark.distributed

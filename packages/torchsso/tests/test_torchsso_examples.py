@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
 import re
-import subprocess
-import sys
+
+from optcore.testing import run_script
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
 
 def _run(name: str) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "DATA_DIR"}  # built-in data
-    env["OMP_NUM_THREADS"] = "1"
-    out = subprocess.run(
-        [sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, timeout=600,
-        env=env,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    return out.stdout
+    return run_script(EXAMPLES / name, unset=("DATA_DIR",))  # the built-in data
 
 
 def _last_accuracy(text: str) -> float:

@@ -1,10 +1,13 @@
-"""Test helpers: run a function in several gloo processes on CPU.
+"""Test helpers: run a function in several gloo processes on CPU; run a script.
 
 ``spawn(world_size, fn, *args)`` starts ``world_size`` processes, initialises
 a gloo process group in each (FileStore in a fresh temporary directory), calls
 ``fn(rank, world_size, *args)`` and returns every rank's result in rank order.
 ``fn`` must be importable by module path (a top-level function of an
 importable module), because the children are started with ``spawn``.
+
+``run_script(path, *args)`` runs a Python script (an example) in a fresh
+interpreter and returns what it printed, failing with its stderr.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue as queue_module
+import subprocess
 import sys
 import tempfile
 import traceback
@@ -23,7 +27,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-__all__ = ["spawn"]
+__all__ = ["run_script", "spawn"]
 
 
 def _resolve(module: str, qualname: str, path: str | None) -> Callable[..., Any]:
@@ -124,3 +128,30 @@ def spawn(world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = 
         if errors:
             raise RuntimeError("\n".join(errors))
     return [results[r] for r in range(world_size)]
+
+
+def run_script(
+    path: str | os.PathLike[str],
+    *args: str,
+    module: str | None = None,
+    unset: tuple[str, ...] = (),
+    timeout: float = 600.0,
+) -> str:
+    """Run ``python path *args`` (or ``python -m module *args path``) in a fresh interpreter.
+
+    The child runs on one intra-op thread (``OMP_NUM_THREADS=1``), with the
+    environment variables ``unset`` removed (e.g. ``DATA_DIR``, so that an example
+    takes its built-in data).
+
+    Returns:
+        The script's standard output.
+
+    Raises:
+        AssertionError: with the script's standard error when it exits non-zero.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, *(["-m", module, *args, str(path)] if module else [str(path), *args])]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert out.returncode == 0, f"{' '.join(cmd)} exited {out.returncode}:\n{out.stderr}"
+    return out.stdout
