@@ -53,6 +53,20 @@ def test_all_reduce_mean_two_gloo_processes():
         assert owner == [0, 1, 1]
 
 
+def _same_worker(rank: int, world_size: int):
+    return [
+        D.same_on_all_ranks(((3, 4), True)),  # equal everywhere
+        D.same_on_all_ranks(("shape", (3, 4 + rank))),  # differs on rank 1
+        D.same_on_all_ranks(7 if rank == 0 else 7.0),  # equal values, different repr
+    ]
+
+
+@pytest.mark.distributed
+def test_same_on_all_ranks_agrees_on_every_rank():
+    assert D.same_on_all_ranks(object())  # no process group: a world of one
+    assert spawn(2, _same_worker) == [[True, False, False], [True, False, False]]
+
+
 def _failing_worker(rank: int, world_size: int):
     if rank == 1:
         raise KeyError("boom on rank 1")

@@ -171,6 +171,42 @@ def test_newton_distributed_false_steps_each_rank_on_its_own() -> None:
     assert [f for _, f in ranks] == [4 * STEPS, 4 * STEPS]
 
 
+def _run_mismatched(rank: int, world: int) -> list[str]:
+    """Rank 1's model is wider than rank 0's; returns each optimizer's outcome."""
+    torch.set_num_threads(1)
+    msgs = []
+    for name, flag in [("Kron", None), ("KronWhiten", None), ("KronNewton", None),
+                       ("Kron", False), ("KronNewton", False)]:  # fmt: skip
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 12 + rank), torch.nn.Linear(12 + rank, 3))
+        opt = getattr(psgd, name)(model.parameters(), lr=0.01, distributed=flag)
+        x, y = _data()
+
+        def loss(model=model, x=x[0], y=y[0]):
+            return ((model(x) - y) ** 2).mean()
+
+        try:
+            if name.endswith("Newton"):
+                opt.step(loss)
+            else:
+                loss().backward()
+                opt.step()
+            msgs.append("stepped")
+        except ValueError as e:
+            msgs.append(str(e))
+    return msgs
+
+
+@pytest.mark.distributed
+def test_different_parameters_on_the_ranks_get_a_clear_error() -> None:
+    """Each rank's own optimizer refuses (on both ranks, no hang) unless distributed=False."""
+    for msgs in spawn(2, _run_mismatched):
+        assert len(msgs) == 5
+        for m in msgs[:3]:
+            assert "ranks' parameters differ" in m and "distributed=False" in m, m
+        assert msgs[3:] == ["stepped", "stepped"]
+
+
 def test_owners_split_work_by_cost() -> None:
     from optcore.distributed import assign_by_cost
     from psgd.factors import factor_cost

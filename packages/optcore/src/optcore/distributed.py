@@ -8,6 +8,7 @@ coordination is needed to agree on who computes what.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import secrets
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ __all__ = [
     "get_rank",
     "get_world_size",
     "is_distributed",
+    "same_on_all_ranks",
 ]
 
 
@@ -82,6 +84,21 @@ def _backend_device() -> torch.device:
         if backend == "nccl"
         else torch.device("cpu")
     )
+
+
+def same_on_all_ranks(value: object) -> bool:
+    """Whether every rank passed an equal ``value`` (compared by a digest of its ``repr``).
+
+    One collective of two integers; True without a process group. Every rank must
+    call it (it is a collective), and every rank gets the same answer.
+    """
+    if not is_distributed():
+        return True
+    digest = hashlib.sha256(repr(value).encode()).digest()
+    h = int.from_bytes(digest[:8], "little") >> 2  # 62 bits: -h fits in an int64
+    t = torch.tensor([h, -h], dtype=torch.int64, device=_backend_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # [max h, -min h]
+    return int(t[0]) == -int(t[1])
 
 
 def broadcast_seed(seed: int | None = None, src: int = 0) -> int:

@@ -33,10 +33,29 @@ class Ownership:
         self.enabled = enabled
         self._key: tuple[Any, ...] | None = None
         self._owners: list[int] | None = None
+        self._checked: set[Any] = set()
 
     def active(self) -> bool:
         on = odist.is_distributed() and odist.get_world_size() > 1
         return on if self.enabled is None else (bool(self.enabled) and on)
+
+    def check(self, key: Any) -> None:
+        """Raise a clear error, on every rank, when the ranks' parameters differ.
+
+        ``key`` describes this rank's parameter layout (hashable; compared once per
+        layout with one small collective, before anything is split, reduced or
+        broadcast, which would otherwise hang or mix up different tensors).
+        """
+        if key in self._checked:
+            return
+        if not odist.same_on_all_ranks(key):
+            raise ValueError(
+                "psgd under torch.distributed: the ranks' parameters differ in number or "
+                "shape; the optimizer assumes data parallelism (every rank holds the same "
+                "parameters and sees the same averaged gradients). Pass distributed=False "
+                "for model- or pipeline-parallel runs."
+            )
+        self._checked.add(key)
 
     def owners(self, groups: list[dict[str, Any]], layout: Callable[..., Any]) -> list[int] | None:
         """``owner[i]`` for the flat parameter index ``i`` (None when not distributed)."""
@@ -45,6 +64,7 @@ class Ownership:
         layouts = [layout(g, p) for g in groups for p in g["params"]]
         key = (odist.get_world_size(), tuple(layouts))
         if key != self._key:
+            self.check(key)
             costs = [factor_cost(shape, dense) for shape, dense in layouts]
             self._owners = odist.assign_by_cost(costs, odist.get_world_size())
             self._key = key
@@ -57,6 +77,7 @@ class Ownership:
             return None
         key = (odist.get_world_size(), key)
         if key != self._key:
+            self.check(key)
             self._owners = odist.assign_by_cost(costs, odist.get_world_size())
             self._key = key
         return self._owners

@@ -173,6 +173,7 @@ class FamilyBase(PSGDBase):
         if self._ownership.active():
             # data parallel: the gradient and H v of the mean loss over all ranks' shares
             # (DTensor parameters' products are global already)
+            self._ownership.check(("newton", tuple(tuple(p.shape) for p in params)))
             local = [i for i, p in enumerate(params) if not is_dtensor(p)]
             reduce = [grads[i] for i in local]
             if hvps is not None:
